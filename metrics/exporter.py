@@ -1,0 +1,77 @@
+"""Collectors read at scrape time: job counts and histograms from Redis (cluster-wide, see
+metrics.jobs) and queue depth / running jobs from RQ's registries, so they are right after
+any restart. Used by API processes' /metrics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from redis import Redis
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
+from metrics.jobs import SEP
+from orchestrator import keys
+from queues.registry import QUEUES
+
+
+def _histogram(
+    name: str, doc: str, labels: list[str], raw: dict[bytes, bytes]
+) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=labels)
+    series: dict[tuple[str, ...], dict[str, float]] = defaultdict(dict)
+    for k, v in raw.items():
+        parts = k.decode().split(SEP)
+        series[tuple(parts[:-1])][parts[-1]] = float(v)
+    for lv, values in sorted(series.items()):
+        total = values.pop("sum", 0.0)
+        buckets = sorted(((le, c) for le, c in values.items()), key=lambda x: float(x[0]))
+        fam.add_metric(list(lv), [(le if le != "+Inf" else "+Inf", c) for le, c in buckets], total)
+    return fam
+
+
+class ClusterCollector(Collector):
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.JOB_METRICS_TOTAL)
+        pipe.hgetall(keys.JOB_METRICS_DURATION)
+        pipe.hgetall(keys.JOB_METRICS_WAIT)
+        totals, durations, waits = pipe.execute()
+        jobs = CounterMetricFamily(
+            "orchestrator_jobs_total", "Jobs entering each status (cluster-wide).", labels=["queue", "type", "status"]
+        )
+        for k, v in sorted(totals.items()):
+            jobs.add_metric(k.decode().split(SEP), float(v))
+        yield jobs
+        yield _histogram(
+            "orchestrator_job_duration_seconds", "Job run time, running to finished (cluster-wide).",
+            ["queue", "type", "status"], durations,
+        )
+        yield _histogram("orchestrator_job_wait_seconds", "Time from queued to running (cluster-wide).",
+                         ["queue"], waits)
+        depth = GaugeMetricFamily("orchestrator_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"])
+        running = GaugeMetricFamily("orchestrator_jobs_running", "Jobs running per queue (RQ).", labels=["queue"])
+        for name in QUEUES:
+            q = Queue(name, connection=self.redis)
+            depth.add_metric([name], q.count)
+            running.add_metric([name], StartedJobRegistry(name, connection=self.redis).count)
+        yield depth
+        yield running
+
+
+def render(redis: Redis) -> bytes:
+    """The process's own metrics plus the cluster-wide ones."""
+    extra = CollectorRegistry(auto_describe=False)
+    extra.register(ClusterCollector(redis))
+    try:
+        cluster = generate_latest(extra)
+    except Exception:  # Redis down: still serve the process's own metrics
+        cluster = b""
+    return generate_latest(REGISTRY) + cluster

@@ -1,0 +1,45 @@
+"""Job metrics kept in Redis, so every process's transitions add up in one place.
+
+Workers fork a work horse per job, so a counter kept in the horse's memory would vanish with it.
+The lifecycle therefore records each transition into Redis hashes (in the same pipeline that
+publishes the event), and every API process exports them at scrape time. The values are
+cluster-wide: with several API processes scraped, use `max without (instance)` (the bundled
+dashboard does), never `sum`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator import keys
+
+DURATION_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+WAIT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+SEP = "|"
+
+
+def _observe(pipe: Any, key: str, labels: tuple[str, ...], value: float, buckets: tuple[float, ...]) -> None:
+    base = SEP.join(labels)
+    for le in buckets:
+        if value <= le:
+            pipe.hincrby(key, f"{base}{SEP}{le}", 1)
+    pipe.hincrby(key, f"{base}{SEP}+Inf", 1)
+    pipe.hincrbyfloat(key, f"{base}{SEP}sum", value)
+
+
+def record_transition(
+    pipe: Any,
+    queue: str,
+    task_type: str,
+    status: str,
+    wait_s: float | None = None,
+    duration_s: float | None = None,
+) -> None:
+    """Queue Redis commands on `pipe` for a job entering `status`."""
+    pipe.hincrby(keys.JOB_METRICS_TOTAL, SEP.join((queue, task_type, status)), 1)
+    if wait_s is not None:
+        _observe(pipe, keys.JOB_METRICS_WAIT, (queue,), max(wait_s, 0.0), WAIT_BUCKETS_S)
+    if duration_s is not None:
+        _observe(
+            pipe, keys.JOB_METRICS_DURATION, (queue, task_type, status), max(duration_s, 0.0), DURATION_BUCKETS_S
+        )

@@ -1,0 +1,112 @@
+"""The aiohttp application: `create_app(settings)` wires routes, the gateway and background work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from metrics.exporter import render as render_metrics
+from orchestrator import openapi
+from orchestrator.core import Core
+from orchestrator.routes import API_ROUTES
+from orchestrator.settings import Settings
+from orchestrator.web import CORE, core, errors_middleware, json_response
+from ws_gateway.hub import hub_ctx
+from ws_gateway.limits import SocketSlots
+from ws_gateway.sse import stream_handler
+from ws_gateway.websocket import SOCKET_SLOTS, SOCKETS, close_all_sockets, ws_handler
+
+STATIC_DIR = Path(__file__).parent / "static"
+SETTINGS = web.AppKey("settings", Settings)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = await core(request).readiness()
+    down = [k for k, v in checks.items() if v != "ok"]
+    if down:
+        return json_response(
+            {"error": {"code": "UNAVAILABLE", "message": f"down: {', '.join(down)}", "details": checks}}, status=503
+        )
+    return json_response({"status": "ready", "checks": checks})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = await asyncio.to_thread(render_metrics, core(request).redis)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return json_response(request.app[OPENAPI])
+
+
+async def artifact(request: web.Request) -> web.StreamResponse:
+    mi = request.match_info
+    path = core(request).artifacts.path(mi["job_id"], mi["token"], mi["name"])
+    if path is None:
+        return json_response({"error": {"code": "NOT_FOUND", "message": "artifact not found"}}, status=404)
+    ctype = "image/png" if path.suffix == ".png" else "application/octet-stream"
+    return web.FileResponse(path, headers={"Content-Type": ctype, "Cache-Control": "private, max-age=86400"})
+
+
+async def console(request: web.Request) -> web.StreamResponse:
+    index = STATIC_DIR / "index.html"
+    if not index.exists():
+        return web.Response(text="orchestrator API: see /api/openapi.json", content_type="text/plain")
+    return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+
+OPENAPI = web.AppKey("openapi", dict)
+
+
+async def core_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    c = await Core.open(settings)
+    app[CORE] = c
+    app[SOCKET_SLOTS] = SocketSlots(c.aredis, settings.max_sockets_per_user)
+    yield
+    await c.close()
+
+
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Webhook sender and sweeper, when their modules are present."""
+    from orchestrator.background import start_background
+
+    tasks = start_background(app[CORE])
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    settings = settings or Settings()
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[OPENAPI] = openapi.build()
+    app[SOCKETS] = set()
+    app.cleanup_ctx.append(core_ctx)
+    app.cleanup_ctx.append(hub_ctx)
+    app.cleanup_ctx.append(background_ctx)
+    app.on_shutdown.append(close_all_sockets)
+    for r in API_ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+    app.router.add_get("/api/jobs/{job_id}/stream", stream_handler)
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/openapi.json", openapi_json)
+    app.router.add_get("/artifacts/{job_id}/{token}/{name}", artifact)
+    app.router.add_get("/", console)
+    app.router.add_static("/static/", STATIC_DIR, append_version=False)
+    return app

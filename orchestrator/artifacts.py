@@ -1,0 +1,43 @@
+"""Artifacts live in the data dir under an unguessable path and are served without headers.
+
+The URL is `/artifacts/{jobId}/{token}/{filename}`: the job id and a 128-bit token are both
+random, so knowing one artifact's URL tells nothing about another's. Several machines must share
+the data dir (a volume) for API processes to serve what workers wrote.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def save(self, job_id: str, filename: str, content: bytes, content_type: str) -> dict[str, Any]:
+        if not SAFE_NAME.match(filename):
+            raise ValueError(f"unsafe artifact name {filename!r}")
+        token = secrets.token_urlsafe(16)
+        folder = self.root / job_id / token
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{filename}.tmp"
+        tmp.write_bytes(content)
+        tmp.replace(folder / filename)
+        return {"url": f"/artifacts/{job_id}/{token}/{filename}", "contentType": content_type, "bytes": len(content)}
+
+    def path(self, job_id: str, token: str, filename: str) -> Path | None:
+        if not (SAFE_NAME.match(job_id) and SAFE_TOKEN.match(token) and SAFE_NAME.match(filename)):
+            return None
+        p = self.root / job_id / token / filename
+        return p if p.is_file() else None
+
+    def remove_job(self, job_id: str) -> None:
+        if SAFE_NAME.match(job_id):
+            shutil.rmtree(self.root / job_id, ignore_errors=True)

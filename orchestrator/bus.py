@@ -1,0 +1,66 @@
+"""The event transport: stored events go to a per-job log in Redis and to one pub/sub channel.
+
+The log is a sorted set scored by `seq`, so writing an event twice (a retried publish) is
+harmless and replays come back in order whatever order concurrent writers published in.
+SQL stays the truth: when Redis misses an event the gateway reads it from SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from metrics.jobs import record_transition
+from orchestrator import keys
+
+log = logging.getLogger(__name__)
+
+LOG_MAX_EVENTS = 5000
+"""Events kept per job in Redis; older ones are read from SQL."""
+
+
+class Transition:
+    """A job's change of status, for the metrics recorded beside the event."""
+
+    def __init__(
+        self, queue: str, task_type: str, status: str, wait_s: float | None = None, duration_s: float | None = None
+    ) -> None:
+        self.queue, self.task_type, self.status = queue, task_type, status
+        self.wait_s, self.duration_s = wait_s, duration_s
+
+
+class EventBus:
+    def __init__(self, redis: aioredis.Redis, retention_s: float) -> None:
+        self.redis = redis
+        self.retention_s = int(retention_s)
+
+    async def publish(self, event: dict[str, Any], transition: Transition | None = None) -> None:
+        """Announce a stored event. Failures are logged, never raised: the event is safe in SQL."""
+        payload = orjson.dumps(event)
+        log_key = keys.event_log(event["jobId"])
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(log_key, {payload: event["seq"]})
+                pipe.zremrangebyrank(log_key, 0, -LOG_MAX_EVENTS - 1)
+                pipe.expire(log_key, self.retention_s)
+                pipe.publish(keys.EVENTS_CHANNEL, payload)
+                if transition is not None:
+                    record_transition(
+                        pipe,
+                        transition.queue,
+                        transition.task_type,
+                        transition.status,
+                        transition.wait_s,
+                        transition.duration_s,
+                    )
+                await pipe.execute()
+        except Exception as exc:  # Redis down: subscribers catch up from SQL by seq
+            log.warning("publish of %s/%s failed: %s", event["jobId"], event["seq"], exc)
+
+    async def replay(self, job_id: str, after_seq: int) -> list[dict[str, Any]]:
+        """Events with seq > after_seq from the Redis log (may be incomplete; caller checks seqs)."""
+        raw = await self.redis.zrangebyscore(keys.event_log(job_id), f"({after_seq}", "+inf")
+        return [orjson.loads(r) for r in raw]

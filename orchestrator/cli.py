@@ -1,0 +1,114 @@
+"""The `orchestrator` command: dev, serve, worker, users, submit, watch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from orchestrator.settings import Settings
+
+
+def _serve(settings: Settings) -> int:
+    from aiohttp import web
+
+    from orchestrator.app import create_app
+
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log=None,
+                handle_signals=True, shutdown_timeout=5, print=None)
+    return 0
+
+
+def _users(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator import accounts
+    from orchestrator.db import Database
+    from orchestrator.errors import ApiError
+
+    async def run() -> int:
+        db = Database(settings.db_url)
+        try:
+            await db.create_schema()
+            if args.users_cmd == "create":
+                user = await accounts.create_user(db, args.name, args.credits)
+                if args.json:
+                    print(json.dumps(user.as_json()))
+                else:
+                    print(f"user {user.name} ({user.user_id}) with {user.credits} credits")
+                    print(f"API key:        {user.api_key}   (shown once: keep it)")
+                    print(f"webhook secret: {user.webhook_secret}")
+            else:
+                balance = await accounts.add_credits(db, args.name, args.amount)
+                print(f"{args.name}: {balance} credits")
+            return 0
+        except ApiError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
+def _positive_credits(v: str) -> int:
+    n = int(v)
+    if n < 0 or n > 10**12:
+        raise argparse.ArgumentTypeError("credits must be 0..10^12")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    dev = sub.add_parser("dev", help="Redis, SQLite, the API and workers on this machine")
+    dev.add_argument("--workers", type=int, default=2)
+    sub.add_parser("serve", help="the API and WebSocket gateway")
+    w = sub.add_parser("worker", help="one RQ worker process")
+    w.add_argument("--queues", default="train,generate")
+    w.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    users = sub.add_parser("users", help="manage users")
+    usub = users.add_subparsers(dest="users_cmd", required=True)
+    uc = usub.add_parser("create")
+    uc.add_argument("name")
+    uc.add_argument("--credits", type=_positive_credits, default=0)
+    uc.add_argument("--json", action="store_true")
+    ucr = usub.add_parser("credit")
+    ucr.add_argument("name")
+    ucr.add_argument("amount", type=int)
+    s = sub.add_parser("submit", help="submit a job (reads ORCH_URL and ORCH_API_KEY)")
+    s.add_argument("queue", choices=["train", "generate"])
+    s.add_argument("--type", dest="type_")
+    s.add_argument("--input", default="{}", help="the input as JSON")
+    s.add_argument("--wait", action="store_true", help="follow it live; exit 0 on completed, 1 otherwise")
+    wa = sub.add_parser("watch", help="follow a job live until it ends")
+    wa.add_argument("job_id")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "dev":
+        from orchestrator.dev import run_dev
+
+        return run_dev(settings, args.workers)
+    if args.cmd == "serve":
+        return _serve(settings)
+    if args.cmd == "worker":
+        from queues.worker import run_worker
+
+        ok = run_worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.burst)
+        return 0 if ok or not args.burst else 0
+    if args.cmd == "users":
+        return _users(args, settings)
+    from orchestrator import client_cli
+
+    if args.cmd == "submit":
+        return client_cli.submit(args.queue, args.type_, args.input, args.wait)
+    return client_cli.watch(args.job_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

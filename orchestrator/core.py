@@ -1,0 +1,78 @@
+"""Everything a transport needs, opened once per process. No aiohttp here (DESIGN line 3)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.auth import Tokens
+from orchestrator.bus import EventBus
+from orchestrator.db import Database
+from orchestrator.lifecycle import Lifecycle
+from orchestrator.ratelimit import Limiter
+from orchestrator.settings import Settings
+from queues.dispatch import Dispatcher
+from queues.registry import Registry, build_registry
+
+
+@dataclass
+class Core:
+    settings: Settings
+    db: Database
+    aredis: aioredis.Redis
+    redis: redis.Redis
+    registry: Registry
+    bus: EventBus
+    dispatcher: Dispatcher
+    lifecycle: Lifecycle
+    artifacts: ArtifactStore
+    tokens: Tokens
+    limiter: Limiter
+
+    @classmethod
+    async def open(cls, settings: Settings, create_schema: bool = True) -> Core:
+        db = Database(settings.db_url)
+        if create_schema:
+            await db.create_schema()
+        aredis = aioredis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_timeout=10)
+        sync_redis = redis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_timeout=10)
+        registry = build_registry(settings.task_costs, settings.task_timeouts)
+        bus = EventBus(aredis, settings.retention_days * 86400)
+        dispatcher = Dispatcher(sync_redis)
+        return cls(
+            settings=settings,
+            db=db,
+            aredis=aredis,
+            redis=sync_redis,
+            registry=registry,
+            bus=bus,
+            dispatcher=dispatcher,
+            lifecycle=Lifecycle(db, bus, registry, dispatcher),
+            artifacts=ArtifactStore(settings.artifacts_dir),
+            tokens=Tokens(settings.signing_key),
+            limiter=Limiter(settings.redis, settings.submit_rate),
+        )
+
+    async def readiness(self) -> dict[str, str]:
+        """'ok' or the error, for the database and Redis."""
+        out: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(self.db.ping(), 3)
+            out["database"] = "ok"
+        except Exception as exc:
+            out["database"] = f"down: {type(exc).__name__}"
+        try:
+            await asyncio.wait_for(self.aredis.ping(), 3)  # type: ignore[misc]
+            out["redis"] = "ok"
+        except Exception as exc:
+            out["redis"] = f"down: {type(exc).__name__}"
+        return out
+
+    async def close(self) -> None:
+        await self.aredis.aclose()
+        self.redis.close()
+        await self.db.dispose()

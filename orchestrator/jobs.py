@@ -1,0 +1,69 @@
+"""Reading jobs and their history (the write side is orchestrator.lifecycle)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+
+from orchestrator.db import Database
+from orchestrator.errors import BadRequest, NotFound
+from orchestrator.models import Job, JobEvent
+from orchestrator.views import event_dict
+
+
+async def get_job(db: Database, job_id: str, user_id: str | None) -> Job:
+    """The job, or NotFound when it does not exist or belongs to someone else."""
+    if len(job_id) > 64:
+        raise NotFound("job not found")
+    async with db.read() as s:
+        job = await s.get(Job, job_id)
+    if job is None or (user_id is not None and job.user_id != user_id):
+        raise NotFound("job not found")
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at!r}|{job.id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, job_id = raw.split("|", 1)
+        return float(ts), job_id
+    except Exception as exc:
+        raise BadRequest("invalid cursor") from exc
+
+
+async def list_jobs(
+    db: Database, user_id: str, *, status: str | None, type_: str | None, queue: str | None, limit: int,
+    cursor: str | None,
+) -> tuple[list[Job], str | None]:
+    q = select(Job).where(Job.user_id == user_id)  # type: ignore[arg-type]
+    if status:
+        q = q.where(Job.status == status)  # type: ignore[arg-type]
+    if type_:
+        q = q.where(Job.type == type_)  # type: ignore[arg-type]
+    if queue:
+        q = q.where(Job.queue == queue)  # type: ignore[arg-type]
+    if cursor:
+        ts, last_id = _decode_cursor(cursor)
+        q = q.where(or_(Job.created_at < ts, and_(Job.created_at == ts, Job.id < last_id)))  # type: ignore[arg-type]
+    q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)  # type: ignore[attr-defined]
+    async with db.read() as s:
+        rows = list((await s.execute(q)).scalars().all())
+    nxt = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], nxt
+
+
+async def events_after(db: Database, job_id: str, after: int, limit: int = 10_000) -> list[dict[str, Any]]:
+    q = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after)  # type: ignore[arg-type]
+        .order_by(JobEvent.seq)  # type: ignore[arg-type]
+        .limit(limit)
+    )
+    async with db.read() as s:
+        return [event_dict(e) for e in (await s.execute(q)).scalars().all()]

@@ -1,0 +1,20 @@
+"""Every Redis key and channel the project uses, in one place."""
+
+PREFIX = "orch"
+EVENTS_CHANNEL = f"{PREFIX}:events"
+"""Pub/sub channel carrying every stored event (JSON); each API process holds one subscription."""
+
+JOB_METRICS_TOTAL = f"{PREFIX}:metrics:jobs_total"
+JOB_METRICS_DURATION = f"{PREFIX}:metrics:job_duration"
+JOB_METRICS_WAIT = f"{PREFIX}:metrics:job_wait"
+WEBHOOK_METRICS = f"{PREFIX}:metrics:webhooks"
+SWEEPER_LOCK = f"{PREFIX}:lock:sweeper"
+
+
+def event_log(job_id: str) -> str:
+    """Sorted set of a job's events scored by seq: replay without a database query per event."""
+    return f"{PREFIX}:log:{job_id}"
+
+
+def cancel_flag(job_id: str) -> str:
+    return f"{PREFIX}:cancel:{job_id}"

@@ -1,0 +1,83 @@
+"""/api/openapi.json, generated from the route table and the pydantic models that validate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from orchestrator import api_models as m
+from orchestrator.routes import API_ROUTES
+
+ERRORS = {
+    400: "Malformed JSON or parameters (BAD_REQUEST)",
+    401: "Missing or invalid credentials",
+    402: "Insufficient credits",
+    403: "Not allowed with this credential",
+    404: "Not found (or another user's)",
+    409: "Conflict (JOB_FINISHED, IDEMPOTENCY_KEY_IN_USE)",
+    413: "Body too large",
+    422: "Validation failed (VALIDATION_ERROR, IDEMPOTENCY_KEY_REUSED, WEBHOOK_URL_FORBIDDEN)",
+    429: "Rate limited (see Retry-After)",
+    503: "Redis or the database is down (UNAVAILABLE)",
+}
+
+
+def _params(model: type[BaseModel]) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        out.append({"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop})
+    return out
+
+
+def build() -> dict[str, Any]:
+    models: set[type[BaseModel]] = {m.ErrorResponse}
+    for r in API_ROUTES:
+        for x in (r.body, r.response):
+            if x is not None:
+                models.add(x)
+    ordered = sorted(models, key=lambda x: x.__name__)
+    _, defs = models_json_schema(
+        [(x, "validation") for x in ordered], by_alias=True, ref_template="#/components/schemas/{model}"
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for r in API_ROUTES:
+        path = r.path.replace("{job_id}", "{jobId}")
+        op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag], "operationId": f"{r.method.lower()}_{r.handler.__name__}_{len(paths)}"}
+        params: list[dict[str, Any]] = []
+        if "{jobId}" in path:
+            params.append({"name": "jobId", "in": "path", "required": True, "schema": {"type": "string"}})
+        if r.query is not None:
+            params += _params(r.query)
+        if r.path in ("/api/train", "/api/generate"):
+            params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                           "schema": {"type": "string", "maxLength": 255}})
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}}}
+        responses: dict[str, Any] = {}
+        if r.response is not None:
+            responses[str(r.status)] = {"description": "OK", "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{r.response.__name__}"}}}}
+        if r.path.startswith("/api/jobs/{job_id}") and r.method == "GET" and r.response is m.JobResource:
+            responses["304"] = {"description": "Not modified (If-None-Match)"}
+        for code, desc in ERRORS.items():
+            responses[str(code)] = {"description": desc, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        op["responses"] = responses
+        op["security"] = [{"bearer": []}]
+        paths.setdefault(path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "orchestrator", "version": "0.1.0",
+                 "description": "Run long AI jobs; follow them over WebSocket (/ws), SSE, webhooks or polling."},
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,56 @@
+"""The webhook SSRF guard: a URL must be http(s) and resolve only to public addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from orchestrator.errors import ValidationFailed
+
+
+class ForbiddenUrl(ValidationFailed):
+    code = "WEBHOOK_URL_FORBIDDEN"
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
+
+
+def check_syntax(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationFailed(
+            "webhookUrl must be an http or https URL", details=[{"field": "webhookUrl", "message": "invalid URL"}]
+        )
+    if parts.username or parts.password:
+        raise ForbiddenUrl("webhookUrl must not carry credentials")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ValidationFailed("webhookUrl has an invalid port") from exc
+    return parts.hostname, port
+
+
+async def check_url(url: str, allow_private: bool) -> None:
+    """Raise ForbiddenUrl unless every address the host resolves to is public."""
+    host, port = check_syntax(url)
+    if allow_private:
+        return
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        addrs = [ip]
+    except ValueError:
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout=5
+            )
+        except (OSError, TimeoutError) as exc:
+            raise ForbiddenUrl(f"webhookUrl host {host!r} does not resolve") from exc
+        addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    bad = [str(a) for a in addrs if not _is_public(a)]
+    if bad or not addrs:
+        raise ForbiddenUrl(f"webhookUrl resolves to a non-public address ({', '.join(bad) or 'none'})")

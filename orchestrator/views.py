@@ -1,0 +1,65 @@
+"""The public JSON shapes of jobs and events, built from rows in one place."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from orchestrator.models import Job, JobEvent
+
+FINAL = frozenset({"completed", "failed", "cancelled", "timed_out"})
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+
+def job_resource(job: Job) -> dict[str, Any]:
+    base = f"/api/jobs/{job.id}"
+    out: dict[str, Any] = {
+        "jobId": job.id,
+        "type": job.type,
+        "queue": job.queue,
+        "status": job.status,
+        "progress": job.progress,
+        "message": job.message,
+        "input": job.input,
+        "result": job.result,
+        "error": job.error,
+        "attempts": job.attempts,
+        "seq": job.seq,
+        "etaSeconds": job.eta_seconds,
+        "credits": {"charged": job.cost, "refunded": job.refunded},
+        "createdAt": iso(job.created_at),
+        "startedAt": iso(job.started_at),
+        "finishedAt": iso(job.finished_at),
+        "updatedAt": iso(job.updated_at),
+        "webhookUrl": job.webhook_url,
+        "links": {
+            "self": base,
+            "events": f"{base}/events",
+            "stream": f"{base}/stream",
+            "ws": f"/ws?jobId={job.id}",
+        },
+    }
+    return out
+
+
+def event_dict(ev: JobEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "jobId": ev.job_id,
+        "seq": ev.seq,
+        "type": ev.type,
+        "status": ev.status,
+        "progress": ev.progress,
+        "message": ev.message,
+        "data": ev.data,
+        "error": ev.error,
+        "actor": ev.actor,
+        "ts": iso(ev.ts),
+    }
+    if ev.eta_seconds is not None:
+        out["etaSeconds"] = ev.eta_seconds
+    return out

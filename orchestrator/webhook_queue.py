@@ -1,0 +1,36 @@
+"""Durable webhook outbox: a delivery row is written in the same transaction as its event, so a
+crash after the commit can never lose a webhook. The sender (orchestrator.webhooks) drains it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from orchestrator.models import Job, WebhookDelivery
+from orchestrator.views import FINAL, job_resource
+
+
+async def queue_delivery(s: AsyncSession, job: Job, event: dict[str, Any]) -> None:
+    body = dict(event)
+    if event["type"] == "status" and event["status"] in FINAL:
+        body["job"] = job_resource(job)
+    now = time.time()
+    s.add(
+        WebhookDelivery(
+            webhook_id="msg_" + secrets.token_urlsafe(18),
+            job_id=job.id,
+            seq=event["seq"],
+            url=job.webhook_url or "",
+            body=orjson.dumps(body).decode(),
+            state="pending",
+            attempt=0,
+            next_attempt_at=now,
+            attempts_log=[],
+            created_at=now,
+            updated_at=now,
+        )
+    )

@@ -1,0 +1,43 @@
+"""What a running task sees: `report`, `log`, `artifact`. Handlers are plain synchronous code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from orchestrator.artifacts import ArtifactStore
+
+RunSync = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+class TaskContext:
+    """Handed to a handler. Every call is stored and announced before it returns.
+
+    `report` raises `JobCancelled` once the job has been cancelled (or finished elsewhere),
+    so a handler that reports often stops promptly even without the hard stop.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        attempt: int,
+        actor: str,
+        lifecycle: Any,
+        artifacts: ArtifactStore,
+        run_sync: RunSync,
+    ) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.actor = actor
+        self._lifecycle = lifecycle
+        self._artifacts = artifacts
+        self._run = run_sync
+
+    def report(self, progress: float, message: str | None = None, data: dict[str, Any] | None = None) -> None:
+        self._run(self._lifecycle.progress(self.job_id, progress, message, data, actor=self.actor))
+
+    def log(self, message: str, data: dict[str, Any] | None = None) -> None:
+        self._run(self._lifecycle.log(self.job_id, message, data, actor=self.actor))
+
+    def artifact(self, filename: str, content: bytes, content_type: str) -> dict[str, Any]:
+        return self._artifacts.save(self.job_id, filename, content, content_type)
