@@ -19,9 +19,7 @@ from orchestrator import keys
 from queues.registry import QUEUES
 
 
-def _histogram(
-    name: str, doc: str, labels: list[str], raw: dict[bytes, bytes]
-) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, labels: list[str], raw: dict[bytes, bytes]) -> HistogramMetricFamily:
     fam = HistogramMetricFamily(name, doc, labels=labels)
     series: dict[tuple[str, ...], dict[str, float]] = defaultdict(dict)
     for k, v in raw.items():
@@ -45,19 +43,28 @@ class ClusterCollector(Collector):
         pipe.hgetall(keys.JOB_METRICS_WAIT)
         totals, durations, waits = pipe.execute()
         jobs = CounterMetricFamily(
-            "orchestrator_jobs_total", "Jobs entering each status (cluster-wide).", labels=["queue", "type", "status"]
+            "orchestrator_jobs_total",
+            "Jobs entering each status (cluster-wide).",
+            labels=["queue", "type", "status"],
         )
         for k, v in sorted(totals.items()):
             jobs.add_metric(k.decode().split(SEP), float(v))
         yield jobs
         yield _histogram(
-            "orchestrator_job_duration_seconds", "Job run time, running to finished (cluster-wide).",
-            ["queue", "type", "status"], durations,
+            "orchestrator_job_duration_seconds",
+            "Job run time, running to finished (cluster-wide).",
+            ["queue", "type", "status"],
+            durations,
         )
-        yield _histogram("orchestrator_job_wait_seconds", "Time from queued to running (cluster-wide).",
-                         ["queue"], waits)
-        depth = GaugeMetricFamily("orchestrator_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"])
-        running = GaugeMetricFamily("orchestrator_jobs_running", "Jobs running per queue (RQ).", labels=["queue"])
+        yield _histogram(
+            "orchestrator_job_wait_seconds", "Time from queued to running (cluster-wide).", ["queue"], waits
+        )
+        depth = GaugeMetricFamily(
+            "orchestrator_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"]
+        )
+        running = GaugeMetricFamily(
+            "orchestrator_jobs_running", "Jobs running per queue (RQ).", labels=["queue"]
+        )
         for name in QUEUES:
             q = Queue(name, connection=self.redis)
             depth.add_metric([name], q.count)

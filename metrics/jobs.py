@@ -41,5 +41,9 @@ def record_transition(
         _observe(pipe, keys.JOB_METRICS_WAIT, (queue,), max(wait_s, 0.0), WAIT_BUCKETS_S)
     if duration_s is not None:
         _observe(
-            pipe, keys.JOB_METRICS_DURATION, (queue, task_type, status), max(duration_s, 0.0), DURATION_BUCKETS_S
+            pipe,
+            keys.JOB_METRICS_DURATION,
+            (queue, task_type, status),
+            max(duration_s, 0.0),
+            DURATION_BUCKETS_S,
         )

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import col
 
 from orchestrator.db import Database
 from orchestrator.errors import ApiError, NotFound
@@ -52,8 +53,12 @@ async def create_user(db: Database, name: str, credits: int = 0) -> NewUser:
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     now = time.time()
     user = User(
-        id="usr_" + secrets.token_urlsafe(9), name=name, api_key_hash=hash_key(api_key),
-        webhook_secret=secret, credits=0, created_at=now,
+        id="usr_" + secrets.token_urlsafe(9),
+        name=name,
+        api_key_hash=hash_key(api_key),
+        webhook_secret=secret,
+        credits=0,
+        created_at=now,
     )
     try:
         async with db.write() as s:
@@ -61,8 +66,16 @@ async def create_user(db: Database, name: str, credits: int = 0) -> NewUser:
             await s.flush()
             if credits:
                 user.credits = credits
-                s.add(LedgerEntry(user_id=user.id, job_id=None, delta=credits, reason="topup",
-                                  balance_after=credits, created_at=now))
+                s.add(
+                    LedgerEntry(
+                        user_id=user.id,
+                        job_id=None,
+                        delta=credits,
+                        reason="topup",
+                        balance_after=credits,
+                        created_at=now,
+                    )
+                )
     except IntegrityError as exc:
         raise UserExists(f"a user named {name!r} exists") from exc
     return NewUser(user.id, name, api_key, secret, credits)
@@ -73,14 +86,24 @@ async def add_credits(db: Database, name: str, amount: int) -> int:
     async with db.write() as s:
         row = (
             await s.execute(
-                update(User).where(User.name == name).values(credits=User.credits + amount)  # type: ignore[arg-type]
-                .returning(User.id, User.credits)
+                update(User)
+                .where(col(User.name) == name)
+                .values(credits=col(User.credits) + amount)
+                .returning(col(User.id), col(User.credits))
             )
         ).first()
         if row is None:
             raise NotFound(f"no user named {name!r}")
-        s.add(LedgerEntry(user_id=row[0], job_id=None, delta=amount, reason="topup",
-                          balance_after=int(row[1]), created_at=now))
+        s.add(
+            LedgerEntry(
+                user_id=row[0],
+                job_id=None,
+                delta=amount,
+                reason="topup",
+                balance_after=int(row[1]),
+                created_at=now,
+            )
+        )
         return int(row[1])
 
 
@@ -88,7 +111,9 @@ async def authenticate(db: Database, api_key: str) -> User | None:
     if not api_key.startswith(API_KEY_PREFIX) or len(api_key) > 200:
         return None
     async with db.read() as s:
-        return (await s.execute(select(User).where(User.api_key_hash == hash_key(api_key)))).scalar_one_or_none()
+        return (
+            await s.execute(select(User).where(col(User.api_key_hash) == hash_key(api_key)))
+        ).scalar_one_or_none()
 
 
 async def get_user(db: Database, user_id: str) -> User | None:
@@ -98,17 +123,23 @@ async def get_user(db: Database, user_id: str) -> User | None:
 
 def ledger_entry(e: LedgerEntry) -> dict[str, Any]:
     return {
-        "id": str(e.id), "jobId": e.job_id, "delta": e.delta, "reason": e.reason,
-        "balanceAfter": e.balance_after, "createdAt": iso(e.created_at),
+        "id": str(e.id),
+        "jobId": e.job_id,
+        "delta": e.delta,
+        "reason": e.reason,
+        "balanceAfter": e.balance_after,
+        "createdAt": iso(e.created_at),
     }
 
 
-async def ledger(db: Database, user_id: str, limit: int, cursor: int | None) -> tuple[list[LedgerEntry], str | None]:
+async def ledger(
+    db: Database, user_id: str, limit: int, cursor: int | None
+) -> tuple[list[LedgerEntry], str | None]:
     """Newest first; the cursor is the last entry id seen."""
-    q = select(LedgerEntry).where(LedgerEntry.user_id == user_id)  # type: ignore[arg-type]
+    q = select(LedgerEntry).where(col(LedgerEntry.user_id) == user_id)
     if cursor is not None:
-        q = q.where(LedgerEntry.id < cursor)  # type: ignore[arg-type, operator]
-    q = q.order_by(LedgerEntry.id.desc()).limit(limit + 1)  # type: ignore[union-attr]
+        q = q.where(col(LedgerEntry.id) < cursor)
+    q = q.order_by(col(LedgerEntry.id).desc()).limit(limit + 1)
     async with db.read() as s:
         rows = list((await s.execute(q)).scalars().all())
     nxt = str(rows[limit - 1].id) if len(rows) > limit else None

@@ -33,7 +33,8 @@ async def readyz(request: web.Request) -> web.Response:
     down = [k for k, v in checks.items() if v != "ok"]
     if down:
         return json_response(
-            {"error": {"code": "UNAVAILABLE", "message": f"down: {', '.join(down)}", "details": checks}}, status=503
+            {"error": {"code": "UNAVAILABLE", "message": f"down: {', '.join(down)}", "details": checks}},
+            status=503,
         )
     return json_response({"status": "ready", "checks": checks})
 

@@ -30,7 +30,11 @@ class ArtifactStore:
         tmp = folder / f".{filename}.tmp"
         tmp.write_bytes(content)
         tmp.replace(folder / filename)
-        return {"url": f"/artifacts/{job_id}/{token}/{filename}", "contentType": content_type, "bytes": len(content)}
+        return {
+            "url": f"/artifacts/{job_id}/{token}/{filename}",
+            "contentType": content_type,
+            "bytes": len(content),
+        }
 
     def path(self, job_id: str, token: str, filename: str) -> Path | None:
         if not (SAFE_NAME.match(job_id) and SAFE_TOKEN.match(token) and SAFE_NAME.match(filename)):

@@ -38,7 +38,7 @@ class Tokens:
         if not token.startswith(TOKEN_PREFIX) or len(token) > 8192:
             raise Unauthorized("invalid subscribe token")
         try:
-            data = self._s.loads(token[len(TOKEN_PREFIX):])
+            data = self._s.loads(token[len(TOKEN_PREFIX) :])
         except BadSignature as exc:
             raise Unauthorized("invalid subscribe token") from exc
         if not isinstance(data, dict) or float(data.get("e", 0)) < time.time():
@@ -54,8 +54,9 @@ def bearer(header: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-async def authenticate(db: Database, tokens: Tokens, header: str | None, token: str | None,
-                       allow_token: bool) -> Principal:
+async def authenticate(
+    db: Database, tokens: Tokens, header: str | None, token: str | None, allow_token: bool
+) -> Principal:
     key = bearer(header)
     if key:
         if key.startswith(TOKEN_PREFIX) and allow_token:

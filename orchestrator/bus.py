@@ -26,7 +26,12 @@ class Transition:
     """A job's change of status, for the metrics recorded beside the event."""
 
     def __init__(
-        self, queue: str, task_type: str, status: str, wait_s: float | None = None, duration_s: float | None = None
+        self,
+        queue: str,
+        task_type: str,
+        status: str,
+        wait_s: float | None = None,
+        duration_s: float | None = None,
     ) -> None:
         self.queue, self.task_type, self.status = queue, task_type, status
         self.wait_s, self.duration_s = wait_s, duration_s
@@ -63,4 +68,4 @@ class EventBus:
     async def replay(self, job_id: str, after_seq: int) -> list[dict[str, Any]]:
         """Events with seq > after_seq from the Redis log (may be incomplete; caller checks seqs)."""
         raw = await self.redis.zrangebyscore(keys.event_log(job_id), f"({after_seq}", "+inf")
-        return [orjson.loads(r) for r in raw]
+        return [orjson.loads(r) for r in raw if isinstance(r, bytes | str)]

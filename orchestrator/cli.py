@@ -16,8 +16,15 @@ def _serve(settings: Settings) -> int:
 
     from orchestrator.app import create_app
 
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log=None,
-                handle_signals=True, shutdown_timeout=5, print=None)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        handle_signals=True,
+        shutdown_timeout=5,
+        print=None,
+    )
     return 0
 
 
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         from queues.worker import run_worker
 
         ok = run_worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.burst)
-        return 0 if ok or not args.burst else 0
+        return 0 if ok else 1
     if args.cmd == "users":
         return _users(args, settings)
     from orchestrator import client_cli

@@ -1,10 +1,10 @@
 """Python client for the orchestrator API (sync `Client` and async `AsyncClient`).
 
-    client = Client("http://127.0.0.1:8080", api_key)
-    job = client.submit("generate", {"prompt": "a fox"})
-    for event in client.events(job["jobId"]):   # over /ws, resumes with `since` after a drop
-        print(event["seq"], event["progress"])
-    done = client.wait(job["jobId"], timeout=600)  # long-polling with backoff
+client = Client("http://127.0.0.1:8080", api_key)
+job = client.submit("generate", {"prompt": "a fox"})
+for event in client.events(job["jobId"]):   # over /ws, resumes with `since` after a drop
+    print(event["seq"], event["progress"])
+done = client.wait(job["jobId"], timeout=600)  # long-polling with backoff
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def _raise_for(resp: httpx.Response) -> None:
         return
     try:
         err = resp.json()["error"]
-        raise ClientError(resp.status_code, err.get("code", "ERROR"), err.get("message", ""), err.get("details"))
+        raise ClientError(
+            resp.status_code, err.get("code", "ERROR"), err.get("message", ""), err.get("details")
+        )
     except (ValueError, KeyError, TypeError):
         raise ClientError(resp.status_code, "HTTP_ERROR", resp.text[:200]) from None
 
@@ -44,8 +46,9 @@ class AsyncClient:
     def __init__(self, base_url: str, api_key: str, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
-        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
-                                      headers={"Authorization": f"Bearer {api_key}"})
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers={"Authorization": f"Bearer {api_key}"}
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -56,9 +59,16 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def submit(self, queue: str, input: dict[str, Any], *, type: str | None = None,
-                     webhook_url: str | None = None, webhook_events: list[str] | None = None,
-                     idempotency_key: str | None = None) -> dict[str, Any]:
+    async def submit(
+        self,
+        queue: str,
+        input: dict[str, Any],
+        *,
+        type: str | None = None,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"input": input}
         if type:
             body["type"] = type
@@ -71,15 +81,15 @@ class AsyncClient:
         _raise_for(resp)
         return dict(resp.json())
 
-    async def get(self, job_id: str, *, wait_seconds: float | None = None, after_seq: int | None = None
-                  ) -> dict[str, Any]:
+    async def get(
+        self, job_id: str, *, wait_seconds: float | None = None, after_seq: int | None = None
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {}
         if wait_seconds:
             params["waitSeconds"] = wait_seconds
         if after_seq is not None:
             params["afterSeq"] = after_seq
-        resp = await self.http.get(f"/api/jobs/{job_id}", params=params,
-                                   timeout=(wait_seconds or 0) + 30)
+        resp = await self.http.get(f"/api/jobs/{job_id}", params=params, timeout=(wait_seconds or 0) + 30)
         _raise_for(resp)
         return dict(resp.json())
 
@@ -112,8 +122,10 @@ class AsyncClient:
                 backoff = min(backoff * 2, 10)
         return job
 
-    async def events(self, job_id: str, since: int = 0, timeout: float = 3600) -> AsyncIterator[dict[str, Any]]:
-        """Every event after `since`, over /ws, reconnecting with `since` after a drop, until the final one."""
+    async def events(
+        self, job_id: str, since: int = 0, timeout: float = 3600
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every event after `since` over /ws, resuming with `since` after a drop, to the final one."""
         import aiohttp
 
         deadline = time.monotonic() + timeout
@@ -121,9 +133,14 @@ class AsyncClient:
         backoff = 0.25
         while time.monotonic() < deadline:
             try:
-                async with aiohttp.ClientSession() as session, session.ws_connect(
-                    _ws_url(self.base_url), headers={"Authorization": f"Bearer {self.api_key}"}, heartbeat=30
-                ) as ws:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.ws_connect(
+                        _ws_url(self.base_url),
+                        headers={"Authorization": f"Bearer {self.api_key}"},
+                        heartbeat=30,
+                    ) as ws,
+                ):
                     await ws.send_str(json.dumps({"type": "subscribe", "jobId": job_id, "since": last}))
                     backoff = 0.25
                     async for msg in ws:
@@ -131,8 +148,11 @@ class AsyncClient:
                             break
                         data = json.loads(msg.data)
                         if data.get("type") == "error":
-                            raise ClientError(404 if data.get("code") == "NOT_FOUND" else 400,
-                                              data.get("code", "ERROR"), data.get("message", ""))
+                            raise ClientError(
+                                404 if data.get("code") == "NOT_FOUND" else 400,
+                                data.get("code", "ERROR"),
+                                data.get("message", ""),
+                            )
                         if data.get("type") in ("status", "progress", "log") and data.get("jobId") == job_id:
                             if data["seq"] <= last:
                                 continue
@@ -140,7 +160,7 @@ class AsyncClient:
                             yield data
                             if data["type"] == "status" and data["status"] in FINAL:
                                 return
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5)
@@ -191,4 +211,4 @@ class Client:
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(agen.aclose())
+            self._run(agen.aclose())  # type: ignore[attr-defined]

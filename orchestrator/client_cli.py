@@ -27,12 +27,25 @@ def _client() -> Client:
 def follow(client: Client, job_id: str) -> int:
     console = Console(stderr=True)
     job: dict[str, Any] = client.get(job_id)
-    with Progress(TextColumn("[bold]{task.fields[status]:>9}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                  TextColumn("{task.fields[msg]}"), TimeElapsedColumn(), console=console,
-                  disable=not console.is_terminal and os.environ.get("CI") == "true") as bar:
-        task = bar.add_task(job_id, total=100, completed=job["progress"], status=job["status"], msg=job["message"] or "")
+    with Progress(
+        TextColumn("[bold]{task.fields[status]:>9}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[msg]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal and os.environ.get("CI") == "true",
+    ) as bar:
+        task = bar.add_task(
+            job_id, total=100, completed=job["progress"], status=job["status"], msg=job["message"] or ""
+        )
         for event in client.events(job_id):
-            bar.update(task, completed=event["progress"], status=event["status"], msg=(event.get("message") or "")[:60])
+            bar.update(
+                task,
+                completed=event["progress"],
+                status=event["status"],
+                msg=(event.get("message") or "")[:60],
+            )
             if event["type"] == "log":
                 console.print(f"[dim]{event['message']}")
         job = client.get(job_id)

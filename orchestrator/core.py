@@ -66,7 +66,7 @@ class Core:
         except Exception as exc:
             out["database"] = f"down: {type(exc).__name__}"
         try:
-            await asyncio.wait_for(self.aredis.ping(), 3)  # type: ignore[misc]
+            await asyncio.wait_for(self.aredis.ping(), 3)
             out["redis"] = "ok"
         except Exception as exc:
             out["redis"] = f"down: {type(exc).__name__}"

@@ -54,13 +54,19 @@ def run_dev(settings: Settings, workers: int) -> int:
     env["ORCH_DATA_DIR"] = str(settings.data_dir.resolve())
     redis_server: RedisServer | None = None
     if not settings.redis_url:
-        redis_server = RedisServer(settings.data_dir / "redis", port=int(os.environ.get("ORCH_REDIS_PORT", "0")) or None)
+        redis_server = RedisServer(
+            settings.data_dir / "redis", port=int(os.environ.get("ORCH_REDIS_PORT", "0")) or None
+        )
         redis_server.start()
         env["REDIS_URL"] = redis_server.url
     env.setdefault("DATABASE_URL", settings.db_url)
-    settings = Settings(_env_file=None, **{})  # type: ignore[call-arg]
-    key = asyncio.run(_demo_key(Settings.model_validate({"DATABASE_URL": env["DATABASE_URL"],
-                                                         "ORCH_DATA_DIR": env["ORCH_DATA_DIR"]})))
+    key = asyncio.run(
+        _demo_key(
+            Settings.model_validate(
+                {"DATABASE_URL": env["DATABASE_URL"], "ORCH_DATA_DIR": env["ORCH_DATA_DIR"]}
+            )
+        )
+    )
     exe = [sys.executable, "-m", "orchestrator.cli"]
     children: list[subprocess.Popen[bytes]] = [subprocess.Popen([*exe, "serve"], env=env)]
     children += [subprocess.Popen([*exe, "worker"], env=env) for _ in range(workers)]
@@ -97,7 +103,7 @@ def run_dev(settings: Settings, workers: int) -> int:
                 f"demo API key: {key}\n\n"
                 f"try:\n"
                 f"  curl -s -X POST {url}/api/generate -H 'Authorization: Bearer {key}' \\\n"
-                f"       -H 'Content-Type: application/json' -d '{{\"input\": {{\"prompt\": \"a red fox\"}}}}'\n\n"
+                '       -H \'Content-Type: application/json\' -d \'{"input": {"prompt": "a red fox"}}\'\n\n'
                 f"Ctrl-C stops everything.",
                 flush=True,
             )

@@ -1,16 +1,16 @@
 """One exception tree for the core; the HTTP layer maps it to the contract's error shape in one place.
 
-    ApiError (code, status, message, details)
-    ├── BadRequest            400 BAD_REQUEST
-    ├── Unauthorized          401 UNAUTHORIZED
-    ├── InsufficientCredits   402 INSUFFICIENT_CREDITS
-    ├── Forbidden             403 FORBIDDEN
-    ├── NotFound              404 NOT_FOUND
-    ├── Conflict              409 (JOB_FINISHED, IDEMPOTENCY_KEY_IN_USE)
-    ├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
-    ├── ValidationFailed      422 (VALIDATION_ERROR, IDEMPOTENCY_KEY_REUSED, WEBHOOK_URL_FORBIDDEN)
-    ├── RateLimited           429 RATE_LIMITED
-    └── Unavailable           503 UNAVAILABLE
+ApiError (code, status, message, details)
+├── BadRequest            400 BAD_REQUEST
+├── Unauthorized          401 UNAUTHORIZED
+├── InsufficientCredits   402 INSUFFICIENT_CREDITS
+├── Forbidden             403 FORBIDDEN
+├── NotFound              404 NOT_FOUND
+├── Conflict              409 (JOB_FINISHED, IDEMPOTENCY_KEY_IN_USE)
+├── PayloadTooLarge       413 PAYLOAD_TOO_LARGE
+├── ValidationFailed      422 (VALIDATION_ERROR, IDEMPOTENCY_KEY_REUSED, WEBHOOK_URL_FORBIDDEN)
+├── RateLimited           429 RATE_LIMITED
+└── Unavailable           503 UNAVAILABLE
 """
 
 from __future__ import annotations

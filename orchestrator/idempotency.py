@@ -12,6 +12,7 @@ import time
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, ValidationFailed
@@ -37,10 +38,13 @@ async def claim(db: Database, user_id: str, key: str, request_hash: str) -> str 
                     return None
                 if row.request_hash != request_hash:
                     raise ValidationFailed(
-                        "this Idempotency-Key was used with another request body", code="IDEMPOTENCY_KEY_REUSED"
+                        "this Idempotency-Key was used with another request body",
+                        code="IDEMPOTENCY_KEY_REUSED",
                     )
                 if row.job_id is None:
-                    raise Conflict("a request with this Idempotency-Key is in progress", code="IDEMPOTENCY_KEY_IN_USE")
+                    raise Conflict(
+                        "a request with this Idempotency-Key is in progress", code="IDEMPOTENCY_KEY_IN_USE"
+                    )
                 return row.job_id
         except IntegrityError:
             continue  # a concurrent first request inserted it; look again
@@ -50,14 +54,14 @@ async def claim(db: Database, user_id: str, key: str, request_hash: str) -> str 
 async def attach(s: AsyncSession, user_id: str, key: str, job_id: str) -> None:
     await s.execute(
         update(IdempotencyKey)
-        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key)  # type: ignore[arg-type]
+        .where(col(IdempotencyKey.user_id) == user_id, col(IdempotencyKey.key) == key)
         .values(job_id=job_id)
     )
 
 
 async def drop(s: AsyncSession, user_id: str, key: str) -> None:
     await s.execute(
-        delete(IdempotencyKey).where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key)  # type: ignore[arg-type]
+        delete(IdempotencyKey).where(col(IdempotencyKey.user_id) == user_id, col(IdempotencyKey.key) == key)
     )
 
 

@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 from sqlalchemy import and_, or_, select
+from sqlmodel import col
 
 from orchestrator.db import Database
 from orchestrator.errors import BadRequest, NotFound
@@ -38,20 +39,26 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
 
 
 async def list_jobs(
-    db: Database, user_id: str, *, status: str | None, type_: str | None, queue: str | None, limit: int,
+    db: Database,
+    user_id: str,
+    *,
+    status: str | None,
+    type_: str | None,
+    queue: str | None,
+    limit: int,
     cursor: str | None,
 ) -> tuple[list[Job], str | None]:
-    q = select(Job).where(Job.user_id == user_id)  # type: ignore[arg-type]
+    q = select(Job).where(col(Job.user_id) == user_id)
     if status:
-        q = q.where(Job.status == status)  # type: ignore[arg-type]
+        q = q.where(col(Job.status) == status)
     if type_:
-        q = q.where(Job.type == type_)  # type: ignore[arg-type]
+        q = q.where(col(Job.type) == type_)
     if queue:
-        q = q.where(Job.queue == queue)  # type: ignore[arg-type]
+        q = q.where(col(Job.queue) == queue)
     if cursor:
         ts, last_id = _decode_cursor(cursor)
-        q = q.where(or_(Job.created_at < ts, and_(Job.created_at == ts, Job.id < last_id)))  # type: ignore[arg-type]
-    q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)  # type: ignore[attr-defined]
+        q = q.where(or_(col(Job.created_at) < ts, and_(col(Job.created_at) == ts, col(Job.id) < last_id)))
+    q = q.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
     async with db.read() as s:
         rows = list((await s.execute(q)).scalars().all())
     nxt = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
@@ -61,8 +68,8 @@ async def list_jobs(
 async def events_after(db: Database, job_id: str, after: int, limit: int = 10_000) -> list[dict[str, Any]]:
     q = (
         select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.seq > after)  # type: ignore[arg-type]
-        .order_by(JobEvent.seq)  # type: ignore[arg-type]
+        .where(col(JobEvent.job_id) == job_id, col(JobEvent.seq) > after)
+        .order_by(col(JobEvent.seq))
         .limit(limit)
     )
     async with db.read() as s:

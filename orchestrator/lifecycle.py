@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from orchestrator import idempotency
 from orchestrator.bus import EventBus, Transition
@@ -108,7 +109,9 @@ class Lifecycle:
                     raise NotFound("job not found")
                 return job, True
         try:
-            job, event = await self._create(user_id, task, input_, webhook_url, webhook_events, idempotency_key)
+            job, event = await self._create(
+                user_id, task, input_, webhook_url, webhook_events, idempotency_key
+            )
         except BaseException:
             if idempotency_key:
                 await idempotency.release(self.db, user_id, idempotency_key)
@@ -149,8 +152,14 @@ class Lifecycle:
             message="queued",
         )
         ev = JobEvent(
-            job_id=job.id, seq=1, type="status", status="queued", progress=0.0, message="queued",
-            actor=f"user:{user_id}", ts=now,
+            job_id=job.id,
+            seq=1,
+            type="status",
+            status="queued",
+            progress=0.0,
+            message="queued",
+            actor=f"user:{user_id}",
+            ts=now,
         )
         async with self.db.write() as s:
             balance = await _move_credits(s, user_id, -task.cost)
@@ -161,7 +170,11 @@ class Lifecycle:
             s.add(ev)
             s.add(
                 LedgerEntry(
-                    user_id=user_id, job_id=job.id, delta=-task.cost, reason="charge", balance_after=balance,
+                    user_id=user_id,
+                    job_id=job.id,
+                    delta=-task.cost,
+                    reason="charge",
+                    balance_after=balance,
                     created_at=now,
                 )
             )
@@ -177,10 +190,9 @@ class Lifecycle:
 
         async with self.db.write() as s:
             await _move_credits(s, job.user_id, job.cost, allow_negative=True)
-            for model in (WebhookDelivery, JobEvent, LedgerEntry):
-                rows = (await s.execute(select(model).where(model.job_id == job.id))).scalars().all()  # type: ignore[attr-defined]
-                for row in rows:
-                    await s.delete(row)
+            await s.execute(delete(WebhookDelivery).where(col(WebhookDelivery.job_id) == job.id))
+            await s.execute(delete(JobEvent).where(col(JobEvent.job_id) == job.id))
+            await s.execute(delete(LedgerEntry).where(col(LedgerEntry.job_id) == job.id))
             await s.flush()
             if idempotency_key:
                 await idempotency.drop(s, job.user_id, idempotency_key)
@@ -213,7 +225,9 @@ class Lifecycle:
     async def progress(
         self, job_id: str, progress: float, message: str | None, data: dict[str, Any] | None, actor: str
     ) -> Applied:
-        return await self._apply(job_id, actor, lambda j: Change("progress", progress=progress, message=message, data=data))
+        return await self._apply(
+            job_id, actor, lambda j: Change("progress", progress=progress, message=message, data=data)
+        )
 
     async def log(self, job_id: str, message: str, data: dict[str, Any] | None, actor: str) -> Applied:
         return await self._apply(job_id, actor, lambda j: Change("log", message=message, data=data))
@@ -222,23 +236,42 @@ class Lifecycle:
         return await self._apply(
             job_id,
             actor,
-            lambda j: Change("status", status="completed", progress=100.0, message="completed",
-                             data={"result": result}, result=result),
+            lambda j: Change(
+                "status",
+                status="completed",
+                progress=100.0,
+                message="completed",
+                data={"result": result},
+                result=result,
+            ),
         )
 
     async def fail(self, job_id: str, code: str, message: str, actor: str, status: str = "failed") -> Applied:
         return await self._apply(
-            job_id, actor, lambda j: Change("status", status=status, message=message,
-                                            error={"code": code, "message": message})
+            job_id,
+            actor,
+            lambda j: Change(
+                "status", status=status, message=message, error={"code": code, "message": message}
+            ),
         )
 
     async def retry(self, job_id: str, reason: str, actor: str, delay_s: float) -> Applied:
         """running → queued for another attempt; the caller enqueues it after this returns."""
         applied = await self._apply(
-            job_id, actor,
-            lambda j: Change("status", status="queued", progress=0.0, message=f"retrying: {reason}",
-                             data={"attempt": j.attempts, "nextAttempt": j.attempts + 1, "delaySeconds": delay_s,
-                                   "reason": reason}),
+            job_id,
+            actor,
+            lambda j: Change(
+                "status",
+                status="queued",
+                progress=0.0,
+                message=f"retrying: {reason}",
+                data={
+                    "attempt": j.attempts,
+                    "nextAttempt": j.attempts + 1,
+                    "delaySeconds": delay_s,
+                    "reason": reason,
+                },
+            ),
         )
         task = self.registry.get(applied.job.type)
         timeout = task.timeout_s if task else 3600
@@ -247,13 +280,18 @@ class Lifecycle:
 
     async def cancel(self, job_id: str, user_id: str | None, actor: str) -> Job:
         """Cancel a queued or running job of `user_id` (any user's when None), and stop it."""
+
         def change(job: Job) -> Change:
             if user_id is not None and job.user_id != user_id:
                 raise NotFound("job not found")
             if job.status in FINAL:
                 raise Conflict(f"job is already {job.status}", code="JOB_FINISHED")
-            return Change("status", status="cancelled", message="cancelled",
-                          error={"code": "CANCELLED", "message": "cancelled by " + actor})
+            return Change(
+                "status",
+                status="cancelled",
+                message="cancelled",
+                error={"code": "CANCELLED", "message": "cancelled by " + actor},
+            )
 
         applied = await self._apply(job_id, actor, change)
         job = applied.job
@@ -270,7 +308,7 @@ class Lifecycle:
         async with self.db.write() as s:
             job = (
                 await s.execute(
-                    update(Job).where(Job.id == job_id).values(seq=Job.seq + 1).returning(Job)  # type: ignore[arg-type]
+                    update(Job).where(col(Job.id) == job_id).values(seq=col(Job.seq) + 1).returning(Job)
                 )
             ).scalar_one_or_none()
             if job is None:
@@ -310,9 +348,17 @@ class Lifecycle:
             if change.status in REFUNDED and job.refunded == 0 and job.cost > 0:
                 await self._refund(s, job, now)
             ev = JobEvent(
-                job_id=job.id, seq=job.seq, type=change.kind, status=new_status, progress=job.progress,
-                message=change.message, data=change.data, error=change.error if change.kind == "status" else None,
-                actor=actor, eta_seconds=job.eta_seconds if change.kind == "progress" else None, ts=now,
+                job_id=job.id,
+                seq=job.seq,
+                type=change.kind,
+                status=new_status,
+                progress=job.progress,
+                message=change.message,
+                data=change.data,
+                error=change.error if change.kind == "status" else None,
+                actor=actor,
+                eta_seconds=job.eta_seconds if change.kind == "progress" else None,
+                ts=now,
             )
             s.add(ev)
             event = event_dict(ev)
@@ -331,8 +377,16 @@ class Lifecycle:
     async def _refund(self, s: AsyncSession, job: Job, now: float) -> None:
         balance = await _move_credits(s, job.user_id, job.cost, allow_negative=True)
         assert balance is not None
-        s.add(LedgerEntry(user_id=job.user_id, job_id=job.id, delta=job.cost, reason="refund",
-                          balance_after=balance, created_at=now))
+        s.add(
+            LedgerEntry(
+                user_id=job.user_id,
+                job_id=job.id,
+                delta=job.cost,
+                reason="refund",
+                balance_after=balance,
+                created_at=now,
+            )
+        )
         job.refunded = job.cost
         try:
             await s.flush()
@@ -367,9 +421,11 @@ class Lifecycle:
         if cached and now - cached[0] < 60:
             return cached[1]
         recent = (
-            select((Job.finished_at - Job.started_at).label("d"))  # type: ignore[operator]
-            .where(Job.type == task_type, Job.status == "completed", Job.started_at.is_not(None))  # type: ignore[union-attr]
-            .order_by(Job.finished_at.desc())  # type: ignore[union-attr]
+            select((col(Job.finished_at) - col(Job.started_at)).label("d"))
+            .where(
+                col(Job.type) == task_type, col(Job.status) == "completed", col(Job.started_at).is_not(None)
+            )
+            .order_by(col(Job.finished_at).desc())
             .limit(20)
             .subquery()
         )
@@ -379,10 +435,14 @@ class Lifecycle:
         return typical
 
 
-async def _move_credits(s: AsyncSession, user_id: str, delta: int, allow_negative: bool = False) -> int | None:
+async def _move_credits(
+    s: AsyncSession, user_id: str, delta: int, allow_negative: bool = False
+) -> int | None:
     """Add `delta` to a balance atomically; None if it would go below zero (or no such user)."""
-    stmt = update(User).where(User.id == user_id)  # type: ignore[arg-type]
+    stmt = update(User).where(col(User.id) == user_id)
     if not allow_negative and delta < 0:
-        stmt = stmt.where(User.credits >= -delta)  # type: ignore[arg-type]
-    row = (await s.execute(stmt.values(credits=User.credits + delta).returning(User.credits))).first()  # type: ignore[arg-type]
+        stmt = stmt.where(col(User.credits) >= -delta)
+    row = (
+        await s.execute(stmt.values(credits=col(User.credits) + delta).returning(col(User.credits)))
+    ).first()
     return None if row is None else int(row[0])

@@ -28,7 +28,9 @@ def _params(model: type[BaseModel]) -> list[dict[str, Any]]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
     out = []
     for name, prop in schema.get("properties", {}).items():
-        out.append({"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop})
+        out.append(
+            {"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop}
+        )
     return out
 
 
@@ -45,36 +47,59 @@ def build() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for r in API_ROUTES:
         path = r.path.replace("{job_id}", "{jobId}")
-        op: dict[str, Any] = {"summary": r.summary, "tags": [r.tag], "operationId": f"{r.method.lower()}_{r.handler.__name__}_{len(paths)}"}
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "tags": [r.tag],
+            "operationId": f"{r.method.lower()}_{r.handler.__name__}_{len(paths)}",
+        }
         params: list[dict[str, Any]] = []
         if "{jobId}" in path:
             params.append({"name": "jobId", "in": "path", "required": True, "schema": {"type": "string"}})
         if r.query is not None:
             params += _params(r.query)
         if r.path in ("/api/train", "/api/generate"):
-            params.append({"name": "Idempotency-Key", "in": "header", "required": False,
-                           "schema": {"type": "string", "maxLength": 255}})
+            params.append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "maxLength": 255},
+                }
+            )
         if params:
             op["parameters"] = params
         if r.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}
+                },
+            }
         responses: dict[str, Any] = {}
         if r.response is not None:
-            responses[str(r.status)] = {"description": "OK", "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{r.response.__name__}"}}}}
+            responses[str(r.status)] = {
+                "description": "OK",
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{r.response.__name__}"}}
+                },
+            }
         if r.path.startswith("/api/jobs/{job_id}") and r.method == "GET" and r.response is m.JobResource:
             responses["304"] = {"description": "Not modified (If-None-Match)"}
         for code, desc in ERRORS.items():
-            responses[str(code)] = {"description": desc, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            responses[str(code)] = {
+                "description": desc,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+            }
         op["responses"] = responses
         op["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "orchestrator", "version": "0.1.0",
-                 "description": "Run long AI jobs; follow them over WebSocket (/ws), SSE, webhooks or polling."},
+        "info": {
+            "title": "orchestrator",
+            "version": "0.1.0",
+            "description": "Run long AI jobs; follow them over WebSocket (/ws), SSE, webhooks or polling.",
+        },
         "paths": paths,
         "components": {
             "schemas": defs.get("$defs", {}),

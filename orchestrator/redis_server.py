@@ -44,9 +44,25 @@ class RedisServer:
     def start(self, timeout_s: float = 15.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
-            "--protected-mode", "no", "--logfile", str((self.data_dir / "server.log").resolve()),
+            server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--maxmemory-policy",
+            "noeviction",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            str((self.data_dir / "server.log").resolve()),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
@@ -54,7 +70,9 @@ class RedisServer:
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis server exited with {self.proc.returncode}; see {self.data_dir}/server.log")
+                    raise RuntimeError(
+                        f"redis server exited with {self.proc.returncode}; see {self.data_dir}/server.log"
+                    )
                 try:
                     if client.ping():
                         return self

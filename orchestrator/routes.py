@@ -12,7 +12,8 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from orchestrator import accounts, api_models as m, jobs
+from orchestrator import accounts, jobs
+from orchestrator import api_models as m
 from orchestrator.errors import NotFound, ValidationFailed
 from orchestrator.ssrf import check_url
 from orchestrator.views import FINAL, iso, job_resource
@@ -42,13 +43,21 @@ async def submit(request: web.Request, queue: str) -> web.Response:
         await check_url(req.webhook_url, c.settings.webhook_allow_private)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable()):
-        raise ValidationFailed("Idempotency-Key must be 1-255 printable characters",
-                               details=[{"field": "Idempotency-Key", "message": "invalid"}])
-    request_hash = hashlib.sha256(queue.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        raise ValidationFailed(
+            "Idempotency-Key must be 1-255 printable characters",
+            details=[{"field": "Idempotency-Key", "message": "invalid"}],
+        )
+    request_hash = hashlib.sha256(
+        queue.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
     job, replayed = await c.lifecycle.submit(
-        user.user_id, task, inp, webhook_url=req.webhook_url,
+        user.user_id,
+        task,
+        inp,
+        webhook_url=req.webhook_url,
         webhook_events=list(req.webhook_events) if req.webhook_events else None,
-        idempotency_key=key, request_hash=request_hash,
+        idempotency_key=key,
+        request_hash=request_hash,
     )
     headers = {"Location": f"/api/jobs/{job.id}"}
     if replayed:
@@ -90,14 +99,22 @@ async def list_jobs(request: web.Request) -> web.Response:
     user = await full_access(request)
     q = query(request, m.ListQuery)
     rows, nxt = await jobs.list_jobs(
-        core(request).db, user.user_id, status=q.status, type_=q.type, queue=q.queue, limit=q.limit, cursor=q.cursor
+        core(request).db,
+        user.user_id,
+        status=q.status,
+        type_=q.type,
+        queue=q.queue,
+        limit=q.limit,
+        cursor=q.cursor,
     )
     return json_response({"jobs": [job_resource(j) for j in rows], "nextCursor": nxt})
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     user = await full_access(request)
-    job = await core(request).lifecycle.cancel(request.match_info["job_id"], user.user_id, f"user:{user.user_id}")
+    job = await core(request).lifecycle.cancel(
+        request.match_info["job_id"], user.user_id, f"user:{user.user_id}"
+    )
     return json_response(job_resource(job))
 
 
@@ -125,7 +142,9 @@ async def me(request: web.Request) -> web.Response:
 async def my_ledger(request: web.Request) -> web.Response:
     user = await full_access(request)
     q = query(request, m.LedgerQuery)
-    rows, nxt = await accounts.ledger(core(request).db, user.user_id, q.limit, int(q.cursor) if q.cursor else None)
+    rows, nxt = await accounts.ledger(
+        core(request).db, user.user_id, q.limit, int(q.cursor) if q.cursor else None
+    )
     return json_response({"entries": [accounts.ledger_entry(e) for e in rows], "nextCursor": nxt})
 
 
@@ -155,19 +174,54 @@ class Route:
 
 API_ROUTES: list[Route] = [
     Route("POST", "/api/train", submit_train, "Submit a training job", m.JobResource, 202, m.SubmitRequest),
-    Route("POST", "/api/generate", submit_generate, "Submit a generation job", m.JobResource, 202, m.SubmitRequest),
+    Route(
+        "POST",
+        "/api/generate",
+        submit_generate,
+        "Submit a generation job",
+        m.JobResource,
+        202,
+        m.SubmitRequest,
+    ),
     Route("GET", "/api/jobs", list_jobs, "List your jobs, newest first", m.JobList, query=m.ListQuery),
-    Route("GET", "/api/jobs/{job_id}", get_job, "Get a job (long-poll with waitSeconds)", m.JobResource,
-          query=m.JobQuery),
+    Route(
+        "GET",
+        "/api/jobs/{job_id}",
+        get_job,
+        "Get a job (long-poll with waitSeconds)",
+        m.JobResource,
+        query=m.JobQuery,
+    ),
     Route("GET", "/api/status/{job_id}", get_job, "Get a job (alias)", m.JobResource, query=m.JobQuery),
     Route("DELETE", "/api/jobs/{job_id}", cancel_job, "Cancel a job", m.JobResource),
     Route("POST", "/api/jobs/{job_id}/cancel", cancel_job, "Cancel a job", m.JobResource),
-    Route("GET", "/api/jobs/{job_id}/events", job_events, "A job's event history", m.EventList,
-          query=m.EventsQuery),
+    Route(
+        "GET",
+        "/api/jobs/{job_id}/events",
+        job_events,
+        "A job's event history",
+        m.EventList,
+        query=m.EventsQuery,
+    ),
     Route("GET", "/api/types", list_types, "Registered task types", m.TypeList, tag="types"),
     Route("GET", "/api/me", me, "The caller's account", m.Me, tag="account"),
-    Route("GET", "/api/me/ledger", my_ledger, "The caller's credits ledger", m.LedgerList, query=m.LedgerQuery,
-          tag="account"),
-    Route("POST", "/api/tokens", create_token, "Issue a subscribe-only token", m.TokenResponse, 201,
-          m.TokenRequest, tag="account"),
+    Route(
+        "GET",
+        "/api/me/ledger",
+        my_ledger,
+        "The caller's credits ledger",
+        m.LedgerList,
+        query=m.LedgerQuery,
+        tag="account",
+    ),
+    Route(
+        "POST",
+        "/api/tokens",
+        create_token,
+        "Issue a subscribe-only token",
+        m.TokenResponse,
+        201,
+        m.TokenRequest,
+        tag="account",
+    ),
 ]

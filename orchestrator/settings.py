@@ -36,13 +36,9 @@ class Settings(BaseSettings):
     secret_key: str = Field("", validation_alias=_env("ORCH_SECRET_KEY"))
     submit_rate: str = Field("600/minute", validation_alias=_env("ORCH_SUBMIT_RATE"))
     max_sockets_per_user: int = Field(200, validation_alias=_env("ORCH_MAX_SOCKETS_PER_USER"))
-    max_subscriptions_per_socket: int = Field(
-        500, validation_alias=_env("ORCH_MAX_SUBSCRIPTIONS_PER_SOCKET")
-    )
+    max_subscriptions_per_socket: int = Field(500, validation_alias=_env("ORCH_MAX_SUBSCRIPTIONS_PER_SOCKET"))
     task_costs: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_COSTS"))
-    task_timeouts: dict[str, int] = Field(
-        default_factory=dict, validation_alias=_env("ORCH_TASK_TIMEOUTS")
-    )
+    task_timeouts: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_TIMEOUTS"))
     fal_key: str = Field("", validation_alias=_env("FAL_KEY"))
     log_level: str = Field("INFO", validation_alias=_env("ORCH_LOG_LEVEL"))
 

@@ -24,7 +24,8 @@ def check_syntax(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationFailed(
-            "webhookUrl must be an http or https URL", details=[{"field": "webhookUrl", "message": "invalid URL"}]
+            "webhookUrl must be an http or https URL",
+            details=[{"field": "webhookUrl", "message": "invalid URL"}],
         )
     if parts.username or parts.password:
         raise ForbiddenUrl("webhookUrl must not carry credentials")

@@ -14,7 +14,14 @@ from pydantic import BaseModel, ValidationError
 from metrics import http as http_metrics
 from orchestrator.auth import Principal, authenticate
 from orchestrator.core import Core
-from orchestrator.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, RateLimited, ValidationFailed
+from orchestrator.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    RateLimited,
+    ValidationFailed,
+)
 
 log = logging.getLogger(__name__)
 CORE = web.AppKey("core", Core)
@@ -24,7 +31,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 def error_response(err: ApiError) -> web.Response:
@@ -69,7 +78,8 @@ def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str,
 def validate(model: type[M], data: Any, prefix: str = "") -> M:
     if not isinstance(data, dict):
         raise ValidationFailed(
-            f"{prefix or 'body'} must be a JSON object", details=[{"field": prefix or "(body)", "message": "not an object"}]
+            f"{prefix or 'body'} must be a JSON object",
+            details=[{"field": prefix or "(body)", "message": "not an object"}],
         )
     try:
         return model.model_validate(data)
@@ -89,8 +99,9 @@ def query(request: web.Request, model: type[M]) -> M:
 
 async def principal(request: web.Request, allow_token: bool = False) -> Principal:
     token = request.query.get("token") if allow_token else None
-    p = await authenticate(core(request).db, core(request).tokens, request.headers.get("Authorization"), token,
-                           allow_token)
+    p = await authenticate(
+        core(request).db, core(request).tokens, request.headers.get("Authorization"), token, allow_token
+    )
     request[PRINCIPAL] = p
     return p
 

@@ -49,9 +49,9 @@ class Dispatcher:
         }
         q = self.queue(queue)
         if delay_s > 0:
-            q.enqueue_in(timedelta(seconds=delay_s), RUNNER, job_id, **kwargs)  # type: ignore[arg-type]
+            q.enqueue_in(timedelta(seconds=delay_s), RUNNER, job_id, **kwargs)
         else:
-            q.enqueue(RUNNER, job_id, **kwargs)  # type: ignore[arg-type]
+            q.enqueue(RUNNER, job_id, **kwargs)
 
     def is_enqueued(self, job_id: str, attempt: int) -> bool:
         """True when RQ holds the attempt (queued, scheduled, deferred or running)."""
@@ -59,7 +59,12 @@ class Dispatcher:
             job = RQJob.fetch(rq_job_id(job_id, attempt), connection=self.redis)
         except NoSuchJobError:
             return False
-        return job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED)
+        return job.get_status() in (
+            JobStatus.QUEUED,
+            JobStatus.SCHEDULED,
+            JobStatus.STARTED,
+            JobStatus.DEFERRED,
+        )
 
     def stop(self, job_id: str, attempt: int) -> None:
         """Stop an attempt: drop it from its queue, or kill its work horse if it runs."""
@@ -80,7 +85,9 @@ class Dispatcher:
             except InvalidJobOperation:
                 pass
 
-    async def aenqueue(self, job_id: str, queue: str, attempt: int, timeout_s: int, delay_s: float = 0) -> None:
+    async def aenqueue(
+        self, job_id: str, queue: str, attempt: int, timeout_s: int, delay_s: float = 0
+    ) -> None:
         await asyncio.to_thread(self.enqueue, job_id, queue, attempt, timeout_s, delay_s)
 
     async def astop(self, job_id: str, attempt: int) -> None:

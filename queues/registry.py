@@ -91,11 +91,4 @@ def build_registry(costs: dict[str, int] | None = None, timeouts: dict[str, int]
     reg = Registry()
     for mod in (lora, image, sleep):
         reg.add(mod.TASK)
-    try:
-        from queues.tasks import fal
-    except ImportError:
-        fal = None  # type: ignore[assignment]
-    if fal is not None:
-        for t in fal.tasks():
-            reg.add(t)
     return reg.configured(costs or {}, timeouts or {})

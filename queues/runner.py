@@ -49,8 +49,11 @@ def execute(rt: Runtime, job_id: str) -> None:
     except JobCancelled:
         return
     except JobTimeoutException:
-        finish(rt.lifecycle.fail(job_id, "TIMEOUT", f"exceeded the {task.timeout_s} s timeout", "timeout",
-                                 status="timed_out"))
+        finish(
+            rt.lifecycle.fail(
+                job_id, "TIMEOUT", f"exceeded the {task.timeout_s} s timeout", "timeout", status="timed_out"
+            )
+        )
         return
     except TaskError as exc:
         if exc.retryable and job.attempts < task.max_attempts:

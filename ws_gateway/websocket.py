@@ -25,6 +25,8 @@ OUTBOX_SIZE = 2048
 """Messages held for one socket; a consumer that falls this far behind is closed with 1013."""
 HEARTBEAT_S = 20.0
 TRY_AGAIN_LATER = 1013
+SOCKET_SLOTS = web.AppKey("socket_slots", SocketSlots)
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
 class Connection:
@@ -36,6 +38,7 @@ class Connection:
         self.subs: dict[str, Subscription] = {}
         self.outbox: asyncio.Queue[tuple[bytes | str, float]] = asyncio.Queue(OUTBOX_SIZE)
         self.overflowed = False
+        self._closing: asyncio.Future[bool] | None = None
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -46,7 +49,9 @@ class Connection:
             self.outbox.put_nowait((payload, stored_at))
         except asyncio.QueueFull:
             self.overflowed = True
-            asyncio.ensure_future(self.ws.close(code=TRY_AGAIN_LATER, message=b"consumer too slow; reconnect with since"))
+            self._closing = asyncio.ensure_future(
+                self.ws.close(code=TRY_AGAIN_LATER, message=b"consumer too slow; reconnect with since")
+            )
 
     def send_json(self, obj: dict[str, Any]) -> None:
         self.send(orjson.dumps(obj).decode())
@@ -54,6 +59,7 @@ class Connection:
     def sink_for(self, job_id: str) -> Any:
         def sink(event: dict[str, Any], raw: bytes) -> None:
             self.send(raw.decode() if raw else orjson.dumps(event).decode(), event_time(event))
+
         return sink
 
     async def writer(self) -> None:
@@ -174,10 +180,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
 
 async def close_all_sockets(app: web.Application) -> None:
     """On shutdown: tell every client to reconnect elsewhere (GOING_AWAY)."""
-    for ws in list(app[SOCKETS]):
+    sockets = app[SOCKETS]
+    for ws in tuple(sockets):
         with contextlib.suppress(Exception):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-
-
-SOCKET_SLOTS = web.AppKey("socket_slots", SocketSlots)
-SOCKETS = web.AppKey("sockets", set)

@@ -36,9 +36,9 @@ def render(ctx: TaskContext, inp: ImageInput) -> dict[str, Any]:
         layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
         draw = ImageDraw.Draw(layer)
         for _ in range(8):
-            cx, cy = rng.integers(0, w), rng.integers(0, h)
+            cx, cy = int(rng.integers(0, w)), int(rng.integers(0, h))
             r = int(rng.integers(max(4, min(w, h) // 40), max(8, min(w, h) // 6)))
-            colour = tuple(int(x) for x in rng.integers(0, 256, 3)) + (int(40 + 120 * step / inp.steps),)
+            colour = (*(int(x) for x in rng.integers(0, 256, 3)), int(40 + 120 * step / inp.steps))
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
         img = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
         img = img.filter(ImageFilter.GaussianBlur(radius=max(0.0, 3.0 * (1 - step / inp.steps))))

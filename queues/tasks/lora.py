@@ -84,7 +84,9 @@ def train(ctx: TaskContext, inp: LoraInput) -> dict[str, Any]:
         },
         metadata=metadata,
     )
-    artifact = ctx.artifact(f"{inp.name}.safetensors", bytes(io.BytesIO(blob).getbuffer()), "application/octet-stream")
+    artifact = ctx.artifact(
+        f"{inp.name}.safetensors", bytes(io.BytesIO(blob).getbuffer()), "application/octet-stream"
+    )
     return {"artifacts": [artifact], "finalLoss": loss, "steps": inp.steps}
 
 

@@ -1,0 +1,61 @@
+"""Fixtures: each test module gets its own Redis, database and processes.
+
+The database is SQLite unless ORCH_TEST_DB=postgres, in which case a Postgres 15 cluster is
+started from the machine's binaries for the session. Under CI=true a missing Postgres fails."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import Postgres, Stack
+
+BACKEND = os.environ.get("ORCH_TEST_DB", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres | None]:
+    if BACKEND != "postgres":
+        yield None
+        return
+    pg = Postgres(tmp_path_factory.mktemp("pg"))
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres: Postgres | None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if postgres is not None:
+        return postgres.create_db("t_" + uuid.uuid4().hex[:12])
+    return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'orchestrator.db'}"
+
+
+@pytest.fixture(scope="module")
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, database_url: str
+) -> Iterator[Stack]:
+    env = getattr(request.module, "STACK_ENV", {})
+    workers = getattr(request.module, "STACK_WORKERS", 2)
+    s = Stack(tmp_path_factory.mktemp("stack"), database_url, dict(env))
+    s.start(workers=workers)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=90)) as session:
+        yield session
