@@ -12,6 +12,7 @@ from aiohttp import web
 from metrics.exporter import render as render_metrics
 from orchestrator import openapi
 from orchestrator.core import Core
+from orchestrator.extra_routes import extra_routes
 from orchestrator.routes import API_ROUTES
 from orchestrator.settings import Settings
 from orchestrator.web import CORE, core, errors_middleware, json_response
@@ -99,7 +100,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.on_shutdown.append(close_all_sockets)
-    for r in API_ROUTES:
+    for r in API_ROUTES + extra_routes():
         app.router.add_route(r.method, r.path, r.handler)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_handler)
     app.router.add_get("/ws", ws_handler)

@@ -40,7 +40,7 @@ class Core:
             await db.create_schema()
         aredis = aioredis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_timeout=10)
         sync_redis = redis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_timeout=10)
-        registry = build_registry(settings.task_costs, settings.task_timeouts)
+        registry = build_registry(settings)
         bus = EventBus(aredis, settings.retention_days * 86400)
         dispatcher = Dispatcher(sync_redis)
         return cls(

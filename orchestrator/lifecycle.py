@@ -255,6 +255,19 @@ class Lifecycle:
             ),
         )
 
+    async def handoff(self, job_id: str, provider: str, request_id: str, actor: str) -> Applied:
+        """Record that a provider now runs the job (it starts and ends by the provider's word)."""
+        return await self._apply(
+            job_id,
+            actor,
+            lambda j: Change(
+                "log",
+                message=f"submitted to {provider}",
+                data={"provider": provider, "requestId": request_id},
+                fields={"provider_request_id": request_id},
+            ),
+        )
+
     async def retry(self, job_id: str, reason: str, actor: str, delay_s: float) -> Applied:
         """running → queued for another attempt; the caller enqueues it after this returns."""
         applied = await self._apply(

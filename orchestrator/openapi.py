@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from orchestrator import api_models as m
+from orchestrator.extra_routes import extra_routes
 from orchestrator.routes import API_ROUTES
 
 ERRORS = {
@@ -36,7 +37,8 @@ def _params(model: type[BaseModel]) -> list[dict[str, Any]]:
 
 def build() -> dict[str, Any]:
     models: set[type[BaseModel]] = {m.ErrorResponse}
-    for r in API_ROUTES:
+    routes = API_ROUTES + extra_routes()
+    for r in routes:
         for x in (r.body, r.response):
             if x is not None:
                 models.add(x)
@@ -45,7 +47,7 @@ def build() -> dict[str, Any]:
         [(x, "validation") for x in ordered], by_alias=True, ref_template="#/components/schemas/{model}"
     )
     paths: dict[str, dict[str, Any]] = {}
-    for r in API_ROUTES:
+    for r in routes:
         path = r.path.replace("{job_id}", "{jobId}")
         op: dict[str, Any] = {
             "summary": r.summary,

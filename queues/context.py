@@ -39,5 +39,9 @@ class TaskContext:
     def log(self, message: str, data: dict[str, Any] | None = None) -> None:
         self._run(self._lifecycle.log(self.job_id, message, data, actor=self.actor))
 
+    def handoff(self, provider: str, request_id: str) -> None:
+        """The job now runs at `provider`; its webhook or poller will start and finish it."""
+        self._run(self._lifecycle.handoff(self.job_id, provider, request_id, actor=self.actor))
+
     def artifact(self, filename: str, content: bytes, content_type: str) -> dict[str, Any]:
         return self._artifacts.save(self.job_id, filename, content, content_type)

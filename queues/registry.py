@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 if TYPE_CHECKING:
+    from orchestrator.settings import Settings
     from queues.context import TaskContext
 
 QUEUES = ("train", "generate")
@@ -45,6 +47,9 @@ class TaskType:
     """Attempts in all, counting the first; retryable errors and lost workers use the rest."""
     retry_backoff_s: tuple[float, ...] = (2.0, 10.0, 60.0)
     description: str = ""
+    deferred_start: bool = False
+    """The handler hands the job to a provider and the job starts when the provider says so
+    (the runner neither starts nor finishes it)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def backoff_s(self, attempt: int) -> float:
@@ -85,10 +90,17 @@ class Registry:
         return out
 
 
-def build_registry(costs: dict[str, int] | None = None, timeouts: dict[str, int] | None = None) -> Registry:
-    from queues.tasks import image, lora, sleep
-
+def build_registry(settings: Settings) -> Registry:
+    """The built-in types, fal.* types when FAL_KEY is set, and the types of every module named in
+    ORCH_TASK_MODULES (each module exposes `TASK` or `tasks(settings) -> list[TaskType]`)."""
+    modules = ["queues.tasks.lora", "queues.tasks.image", "queues.tasks.sleep"]
+    if settings.fal_key:
+        modules.append("queues.providers.fal_tasks")
+    modules += [m.strip() for m in settings.task_modules.split(",") if m.strip()]
     reg = Registry()
-    for mod in (lora, image, sleep):
-        reg.add(mod.TASK)
-    return reg.configured(costs or {}, timeouts or {})
+    for name in modules:
+        mod = importlib.import_module(name)
+        found = mod.tasks(settings) if hasattr(mod, "tasks") else [mod.TASK]
+        for task in found:
+            reg.add(task)
+    return reg.configured(settings.task_costs, settings.task_timeouts)

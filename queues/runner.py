@@ -8,6 +8,7 @@ import os
 from rq.timeouts import JobTimeoutException
 
 from orchestrator.errors import IllegalTransition, JobCancelled, NotFound
+from orchestrator.models import Job
 from orchestrator.settings import Settings
 from queues.context import TaskContext
 from queues.registry import TaskError
@@ -27,11 +28,13 @@ def run_job(job_id: str) -> None:
 def execute(rt: Runtime, job_id: str) -> None:
     worker = os.environ.get("RQ_WORKER_ID", f"pid{os.getpid()}")
     actor = f"worker:{worker}"
-    job = rt.run_sync(rt.lifecycle.start(job_id, actor, worker))
-    if job is None:
+    job = rt.run_sync(_load(rt, job_id))
+    task = rt.registry.get(job.type) if job is not None else None
+    if job is not None and not (task is not None and task.deferred_start):
+        job = rt.run_sync(rt.lifecycle.start(job_id, actor, worker))
+    if job is None or (task is not None and task.deferred_start and job.status != "queued"):
         log.info("job %s is not runnable (cancelled, finished or unknown); skipping", job_id)
         return
-    task = rt.registry.get(job.type)
 
     def finish(coro_factory: object) -> None:
         try:
@@ -65,7 +68,13 @@ def execute(rt: Runtime, job_id: str) -> None:
         log.exception("job %s failed", job_id)
         finish(rt.lifecycle.fail(job_id, "TASK_ERROR", f"{type(exc).__name__}: {exc}", actor))
         return
-    finish(rt.lifecycle.complete(job_id, result, actor))
+    if not task.deferred_start:
+        finish(rt.lifecycle.complete(job_id, result, actor))
+
+
+async def _load(rt: Runtime, job_id: str) -> Job | None:
+    async with rt.db.read() as s:
+        return await s.get(Job, job_id)
 
 
 class _Guarded:
@@ -77,6 +86,12 @@ class _Guarded:
     async def progress(self, *args: object, **kwargs: object) -> None:
         try:
             await self._lc.progress(*args, **kwargs)  # type: ignore[arg-type]
+        except IllegalTransition as exc:
+            raise JobCancelled(str(exc)) from exc
+
+    async def handoff(self, *args: object, **kwargs: object) -> None:
+        try:
+            await self._lc.handoff(*args, **kwargs)  # type: ignore[arg-type]
         except IllegalTransition as exc:
             raise JobCancelled(str(exc)) from exc
 

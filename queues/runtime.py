@@ -32,7 +32,7 @@ class Runtime:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="orchestrator-core", daemon=True)
         self._thread.start()
-        self.registry: Registry = build_registry(settings.task_costs, settings.task_timeouts)
+        self.registry: Registry = build_registry(settings)
         self.redis = redis.Redis.from_url(settings.redis)
         self.artifacts = ArtifactStore(settings.artifacts_dir)
         self.db = Database(settings.db_url)
