@@ -3,10 +3,15 @@
 Run ``python grafana/dashboard.py`` to (re)write ``grafana/dashboards/jobs.json``;
 ``python grafana/dashboard.py --check`` exits 1 when the file on disk differs from what this code builds.
 
-Every API and worker process serves its own ``/metrics`` and Prometheus scrapes each of them, so the
-queries aggregate across instances: counters and histograms with ``sum by (...)``; the queue gauges
-(``orchestrator_queue_depth``, ``orchestrator_jobs_running``), which every API process reads from the same
-RQ registries at scrape time, with ``max by (queue)`` so that N API processes are not counted N times.
+Prometheus scrapes every API process (and every worker that serves ``ORCH_METRICS_PORT``). Two kinds
+of series come back, and the queries aggregate them differently:
+
+- cluster-wide: ``orchestrator_jobs_total``, ``orchestrator_job_duration_seconds`` and
+  ``orchestrator_job_wait_seconds`` are recorded into Redis by whichever process makes a transition, and
+  ``orchestrator_queue_depth`` / ``orchestrator_jobs_running`` are read from RQ; every API process exports
+  the same values at scrape time. N API processes give N identical copies, so these are de-duplicated
+  with ``max without (instance, job)`` (``max by (queue)`` for the gauges) before any ``sum``;
+- per process: HTTP, WebSocket, SSE, webhook and event-lag metrics, which are summed over instances.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ RATE_INTERVAL = "1m"
 
 Q = 'queue=~"$queue"'
 FINAL = 'status=~"completed|failed|cancelled|timed_out"'
+COMPLETED = f'{Q}, status="completed"'
+DEDUP = "max without (instance, job)"
 
 GREEN = "green"
 YELLOW = "#EAB839"
@@ -138,13 +145,24 @@ def _stat(
     )
 
 
-def _quantiles(metric: str, by: str, legend: str, selector: str = "") -> list[tuple[str, str]]:
+def _dedup(expr: str) -> str:
+    """One copy of a cluster-wide series that every API process exports identically."""
+    return f"{DEDUP} ({expr})"
+
+
+def _jobs_rate(matchers: str) -> str:
+    return f"rate(orchestrator_jobs_total{{{matchers}}}[$__rate_interval])"
+
+
+def _quantiles(
+    metric: str, by: str, legend: str, selector: str = "", *, cluster: bool = False
+) -> list[tuple[str, str]]:
     matchers = f"{{{selector}}}" if selector else ""
+    rate = f"rate({metric}_bucket{matchers}[$__rate_interval])"
+    if cluster:
+        rate = _dedup(rate)
     return [
-        (
-            f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{matchers}[$__rate_interval])))",
-            f"p{round(q * 100)} {legend}",
-        )
+        (f"histogram_quantile({q}, sum by (le, {by}) ({rate}))", f"p{round(q * 100)} {legend}")
         for q in (0.5, 0.95, 0.99)
     ]
 
@@ -184,10 +202,11 @@ def build() -> dashboard_builder.Dashboard:
     dash = dash.with_panel(
         _timeseries(
             "Job throughput by status and type",
-            "Jobs entering each status per second, summed over every API and worker process.",
+            "Jobs entering each status per second, cluster-wide (recorded in Redis by every process; "
+            "one copy taken from the API processes that all export it).",
             [
                 (
-                    f"sum by (queue, type, status) (rate(orchestrator_jobs_total{{{Q}}}[$__rate_interval]))",
+                    f"sum by (queue, type, status) ({_dedup(_jobs_rate(Q))})",
                     "{{queue}} {{type}} {{status}}",
                 )
             ],
@@ -201,9 +220,8 @@ def build() -> dashboard_builder.Dashboard:
             "timed_out), per queue. Red below 90 %: look at the error codes of recent failed jobs.",
             [
                 (
-                    f'sum by (queue) (rate(orchestrator_jobs_total{{{Q}, status="completed"}}'
-                    f"[$__rate_interval])) / sum by (queue) (rate(orchestrator_jobs_total{{{Q}, {FINAL}}}"
-                    f"[$__rate_interval]))",
+                    f"sum by (queue) ({_dedup(_jobs_rate(COMPLETED))})"
+                    f" / sum by (queue) ({_dedup(_jobs_rate(f'{Q}, {FINAL}'))})",
                     "{{queue}}",
                 )
             ],
@@ -235,7 +253,7 @@ def build() -> dashboard_builder.Dashboard:
         _timeseries(
             "Wait time (queued → running)",
             "Percentiles of the time jobs spend queued before a worker starts them.",
-            _quantiles("orchestrator_job_wait_seconds", "queue", "{{queue}}", Q),
+            _quantiles("orchestrator_job_wait_seconds", "queue", "{{queue}}", Q, cluster=True),
             "s",
             thresholds=_thresholds((None, GREEN), (30, YELLOW), (300, RED)),
         )
@@ -244,7 +262,9 @@ def build() -> dashboard_builder.Dashboard:
         _timeseries(
             "Run time (running → finished)",
             "Percentiles of job run time per queue and type, all final statuses.",
-            _quantiles("orchestrator_job_duration_seconds", "queue, type", "{{queue}} {{type}}", Q),
+            _quantiles(
+                "orchestrator_job_duration_seconds", "queue, type", "{{queue}} {{type}}", Q, cluster=True
+            ),
             "s",
         )
     )

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_subscriptions_per_socket: int = Field(500, validation_alias=_env("ORCH_MAX_SUBSCRIPTIONS_PER_SOCKET"))
     task_costs: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_COSTS"))
     task_timeouts: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_TIMEOUTS"))
+    ws_outbox_messages: int = Field(2048, validation_alias=_env("ORCH_WS_OUTBOX_MESSAGES"))
+    """Messages held for one socket; a consumer that falls this far behind is closed with 1013."""
     task_modules: str = Field("", validation_alias=_env("ORCH_TASK_MODULES"))
     fal_key: str = Field("", validation_alias=_env("FAL_KEY"))
     log_level: str = Field("INFO", validation_alias=_env("ORCH_LOG_LEVEL"))

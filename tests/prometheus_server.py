@@ -140,9 +140,9 @@ class PrometheusServer:
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
 
-    def value(self, expr: str) -> float | None:
+    def value(self, expr: str, at: float | None = None) -> float | None:
         """The single value of ``expr`` (summed if it has several series), or None without data."""
-        result = self.query(expr)
+        result = self.query(expr, at)
         if not result:
             return None
         return sum(float(sample["value"][1]) for sample in result)

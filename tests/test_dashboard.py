@@ -40,6 +40,13 @@ HISTOGRAMS = {
 }
 # Read from RQ's registries by every API process: identical copies, so never summed.
 SHARED_GAUGES = {"orchestrator_queue_depth", "orchestrator_jobs_running"}
+# Recorded in Redis and exported identically by every API process: de-duplicated before any sum.
+CLUSTER_METRICS = {
+    "orchestrator_jobs_total",
+    "orchestrator_job_duration_seconds",
+    "orchestrator_job_wait_seconds",
+}
+DEDUP = "max without (instance, job) ("
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +154,22 @@ def test_queries_aggregate_across_instances(dashboard: dict[str, Any]) -> None:
             assert expr.startswith(("sum", "histogram_quantile(")), f"not summed over instances: {expr}"
         if 'queue=~"' in expr:
             assert 'queue=~"$queue"' in expr
+
+
+def test_cluster_wide_metrics_are_deduplicated_not_summed(dashboard: dict[str, Any]) -> None:
+    """Each use of a cluster-wide counter or histogram sits directly in ``max without (instance, job)``."""
+    checked = 0
+    for expr in _exprs(dashboard):
+        for name in CLUSTER_METRICS:
+            for match in re.finditer(rf"\b{name}(_bucket|_count|_sum)?\b", expr):
+                checked += 1
+                start = expr.rfind("rate(", 0, match.start())
+                assert start >= 0 and expr[:start].endswith(DEDUP), f"{name} not de-duplicated: {expr}"
+    assert checked >= 9
+    # Per-process metrics carry no de-duplication: they are summed.
+    for expr in _exprs(dashboard):
+        if not any(name in expr for name in CLUSTER_METRICS | SHARED_GAUGES):
+            assert "max" not in expr, expr
 
 
 def test_queries_function(dashboard: dict[str, Any]) -> None:

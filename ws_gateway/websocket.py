@@ -30,13 +30,15 @@ SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
 class Connection:
-    def __init__(self, ws: web.WebSocketResponse, hub: Hub, user: Principal, max_subs: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, hub: Hub, user: Principal, max_subs: int, outbox: int = OUTBOX_SIZE
+    ) -> None:
         self.ws = ws
         self.hub = hub
         self.user = user
         self.max_subs = max_subs
         self.subs: dict[str, Subscription] = {}
-        self.outbox: asyncio.Queue[tuple[bytes | str, float]] = asyncio.Queue(OUTBOX_SIZE)
+        self.outbox: asyncio.Queue[tuple[bytes | str, float]] = asyncio.Queue(outbox)
         self.overflowed = False
         self._closing: asyncio.Future[bool] | None = None
 
@@ -152,7 +154,9 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     try:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES, compress=False)
         await ws.prepare(request)
-        conn = Connection(ws, request.app[HUB], user, c.settings.max_subscriptions_per_socket)
+        conn = Connection(
+            ws, request.app[HUB], user, c.settings.max_subscriptions_per_socket, c.settings.ws_outbox_messages
+        )
         WS_CLIENTS.inc()
         request.app[SOCKETS].add(ws)
         writer = asyncio.create_task(conn.writer())
