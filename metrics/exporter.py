@@ -59,12 +59,8 @@ class ClusterCollector(Collector):
         yield _histogram(
             "orchestrator_job_wait_seconds", "Time from queued to running (cluster-wide).", ["queue"], waits
         )
-        depth = GaugeMetricFamily(
-            "orchestrator_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"]
-        )
-        running = GaugeMetricFamily(
-            "orchestrator_jobs_running", "Jobs running per queue (RQ).", labels=["queue"]
-        )
+        depth = GaugeMetricFamily("orchestrator_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"])
+        running = GaugeMetricFamily("orchestrator_jobs_running", "Jobs running per queue (RQ).", labels=["queue"])
         for name in QUEUES:
             q = Queue(name, connection=self.redis)
             depth.add_metric([name], q.count)

@@ -111,9 +111,7 @@ async def authenticate(db: Database, api_key: str) -> User | None:
     if not api_key.startswith(API_KEY_PREFIX) or len(api_key) > 200:
         return None
     async with db.read() as s:
-        return (
-            await s.execute(select(User).where(col(User.api_key_hash) == hash_key(api_key)))
-        ).scalar_one_or_none()
+        return (await s.execute(select(User).where(col(User.api_key_hash) == hash_key(api_key)))).scalar_one_or_none()
 
 
 async def get_user(db: Database, user_id: str) -> User | None:
@@ -132,9 +130,7 @@ def ledger_entry(e: LedgerEntry) -> dict[str, Any]:
     }
 
 
-async def ledger(
-    db: Database, user_id: str, limit: int, cursor: int | None
-) -> tuple[list[LedgerEntry], str | None]:
+async def ledger(db: Database, user_id: str, limit: int, cursor: int | None) -> tuple[list[LedgerEntry], str | None]:
     """Newest first; the cursor is the last entry id seen."""
     q = select(LedgerEntry).where(col(LedgerEntry.user_id) == user_id)
     if cursor is not None:

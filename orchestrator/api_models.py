@@ -23,9 +23,7 @@ class SubmitRequest(ApiModel):
 
 
 class TokenRequest(ApiModel):
-    job_ids: (
-        Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=100)] | None
-    ) = None
+    job_ids: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=100)] | None = None
     ttl_seconds: Annotated[int, Field(ge=1, le=3600)] = 600
 
 

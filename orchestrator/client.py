@@ -31,9 +31,7 @@ def _raise_for(resp: httpx.Response) -> None:
         return
     try:
         err = resp.json()["error"]
-        raise ClientError(
-            resp.status_code, err.get("code", "ERROR"), err.get("message", ""), err.get("details")
-        )
+        raise ClientError(resp.status_code, err.get("code", "ERROR"), err.get("message", ""), err.get("details"))
     except (ValueError, KeyError, TypeError):
         raise ClientError(resp.status_code, "HTTP_ERROR", resp.text[:200]) from None
 
@@ -122,9 +120,7 @@ class AsyncClient:
                 backoff = min(backoff * 2, 10)
         return job
 
-    async def events(
-        self, job_id: str, since: int = 0, timeout: float = 3600
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, job_id: str, since: int = 0, timeout: float = 3600) -> AsyncIterator[dict[str, Any]]:
         """Every event after `since` over /ws, resuming with `since` after a drop, to the final one."""
         import aiohttp
 

@@ -61,11 +61,7 @@ def run_dev(settings: Settings, workers: int) -> int:
         env["REDIS_URL"] = redis_server.url
     env.setdefault("DATABASE_URL", settings.db_url)
     key = asyncio.run(
-        _demo_key(
-            Settings.model_validate(
-                {"DATABASE_URL": env["DATABASE_URL"], "ORCH_DATA_DIR": env["ORCH_DATA_DIR"]}
-            )
-        )
+        _demo_key(Settings.model_validate({"DATABASE_URL": env["DATABASE_URL"], "ORCH_DATA_DIR": env["ORCH_DATA_DIR"]}))
     )
     exe = [sys.executable, "-m", "orchestrator.cli"]
     children: list[subprocess.Popen[bytes]] = [subprocess.Popen([*exe, "serve"], env=env)]

@@ -42,9 +42,7 @@ async def claim(db: Database, user_id: str, key: str, request_hash: str) -> str 
                         code="IDEMPOTENCY_KEY_REUSED",
                     )
                 if row.job_id is None:
-                    raise Conflict(
-                        "a request with this Idempotency-Key is in progress", code="IDEMPOTENCY_KEY_IN_USE"
-                    )
+                    raise Conflict("a request with this Idempotency-Key is in progress", code="IDEMPOTENCY_KEY_IN_USE")
                 return row.job_id
         except IntegrityError:
             continue  # a concurrent first request inserted it; look again

@@ -18,3 +18,8 @@ def event_log(job_id: str) -> str:
 
 def cancel_flag(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"
+
+
+def worker_heartbeat(worker_name: str) -> str:
+    """Set by a live worker every few seconds, expiring after ORCH_WORKER_LOST_AFTER."""
+    return f"{PREFIX}:hb:{worker_name}"

@@ -17,6 +17,7 @@ the methods below; none of them writes job state itself.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from orchestrator.views import FINAL, event_dict
 from orchestrator.webhook_queue import queue_delivery
 from queues.dispatch import Dispatcher
 from queues.registry import Registry, TaskType
+
+log = logging.getLogger(__name__)
 
 ALLOWED: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
@@ -109,9 +112,7 @@ class Lifecycle:
                     raise NotFound("job not found")
                 return job, True
         try:
-            job, event = await self._create(
-                user_id, task, input_, webhook_url, webhook_events, idempotency_key
-            )
+            job, event = await self._create(user_id, task, input_, webhook_url, webhook_events, idempotency_key)
         except BaseException:
             if idempotency_key:
                 await idempotency.release(self.db, user_id, idempotency_key)
@@ -223,16 +224,27 @@ class Lifecycle:
         )
 
     async def progress(
-        self, job_id: str, progress: float, message: str | None, data: dict[str, Any] | None, actor: str
+        self,
+        job_id: str,
+        progress: float,
+        message: str | None,
+        data: dict[str, Any] | None,
+        actor: str,
+        attempt: int | None = None,
     ) -> Applied:
         return await self._apply(
-            job_id, actor, lambda j: Change("progress", progress=progress, message=message, data=data)
+            job_id,
+            actor,
+            lambda j: Change("progress", progress=progress, message=message, data=data),
+            attempt,
         )
 
-    async def log(self, job_id: str, message: str, data: dict[str, Any] | None, actor: str) -> Applied:
-        return await self._apply(job_id, actor, lambda j: Change("log", message=message, data=data))
+    async def log(
+        self, job_id: str, message: str, data: dict[str, Any] | None, actor: str, attempt: int | None = None
+    ) -> Applied:
+        return await self._apply(job_id, actor, lambda j: Change("log", message=message, data=data), attempt)
 
-    async def complete(self, job_id: str, result: dict[str, Any], actor: str) -> Applied:
+    async def complete(self, job_id: str, result: dict[str, Any], actor: str, attempt: int | None = None) -> Applied:
         return await self._apply(
             job_id,
             actor,
@@ -244,15 +256,23 @@ class Lifecycle:
                 data={"result": result},
                 result=result,
             ),
+            attempt,
         )
 
-    async def fail(self, job_id: str, code: str, message: str, actor: str, status: str = "failed") -> Applied:
+    async def fail(
+        self,
+        job_id: str,
+        code: str,
+        message: str,
+        actor: str,
+        status: str = "failed",
+        attempt: int | None = None,
+    ) -> Applied:
         return await self._apply(
             job_id,
             actor,
-            lambda j: Change(
-                "status", status=status, message=message, error={"code": code, "message": message}
-            ),
+            lambda j: Change("status", status=status, message=message, error={"code": code, "message": message}),
+            attempt,
         )
 
     async def handoff(self, job_id: str, provider: str, request_id: str, actor: str) -> Applied:
@@ -268,7 +288,7 @@ class Lifecycle:
             ),
         )
 
-    async def retry(self, job_id: str, reason: str, actor: str, delay_s: float) -> Applied:
+    async def retry(self, job_id: str, reason: str, actor: str, delay_s: float, attempt: int | None = None) -> Applied:
         """running → queued for another attempt; the caller enqueues it after this returns."""
         applied = await self._apply(
             job_id,
@@ -285,11 +305,26 @@ class Lifecycle:
                     "reason": reason,
                 },
             ),
+            attempt,
         )
         task = self.registry.get(applied.job.type)
         timeout = task.timeout_s if task else 3600
-        await self.dispatcher.aenqueue(job_id, applied.job.queue, applied.job.attempts + 1, timeout, delay_s)
+        try:
+            await self.dispatcher.aenqueue(job_id, applied.job.queue, applied.job.attempts + 1, timeout, delay_s)
+        except (RedisError, OSError) as exc:  # the sweeper enqueues queued rows that Redis lacks
+            log.warning("re-enqueue of %s failed (%s); the sweeper will retry", job_id, exc)
         return applied
+
+    async def lose(self, job_id: str, attempt: int, reason: str, actor: str = "sweeper") -> Applied:
+        """The attempt's worker is gone: retry when the type allows more attempts, else fail."""
+        async with self.db.read() as s:
+            job = await s.get(Job, job_id)
+        if job is None:
+            raise NotFound("job not found")
+        task = self.registry.get(job.type)
+        if task is not None and attempt < task.max_attempts:
+            return await self.retry(job_id, reason, actor, task.backoff_s(attempt), attempt)
+        return await self.fail(job_id, "WORKER_LOST", reason, actor, attempt=attempt)
 
     async def cancel(self, job_id: str, user_id: str | None, actor: str) -> Job:
         """Cancel a queued or running job of `user_id` (any user's when None), and stop it."""
@@ -315,18 +350,22 @@ class Lifecycle:
 
     # ---- the one writer --------------------------------------------------------------------
 
-    async def _apply(self, job_id: str, actor: str, decide: Callable[[Job], Change]) -> Applied:
+    async def _apply(
+        self, job_id: str, actor: str, decide: Callable[[Job], Change], attempt: int | None = None
+    ) -> Applied:
+        """Apply one change. `attempt`, when given, must be the job's current attempt: a stale
+        attempt (an orphaned work horse, a retried job) can no longer write."""
         now = time.time()
         transition: Transition | None = None
         async with self.db.write() as s:
             job = (
-                await s.execute(
-                    update(Job).where(col(Job.id) == job_id).values(seq=col(Job.seq) + 1).returning(Job)
-                )
+                await s.execute(update(Job).where(col(Job.id) == job_id).values(seq=col(Job.seq) + 1).returning(Job))
             ).scalar_one_or_none()
             if job is None:
                 raise NotFound("job not found")
             old_status = job.status
+            if attempt is not None and job.attempts != attempt:
+                raise IllegalTransition(f"attempt {attempt} is stale (job is on attempt {job.attempts})")
             change = decide(job)
             if old_status in FINAL:
                 raise IllegalTransition(f"job {job_id} is {old_status}")
@@ -435,9 +474,7 @@ class Lifecycle:
             return cached[1]
         recent = (
             select((col(Job.finished_at) - col(Job.started_at)).label("d"))
-            .where(
-                col(Job.type) == task_type, col(Job.status) == "completed", col(Job.started_at).is_not(None)
-            )
+            .where(col(Job.type) == task_type, col(Job.status) == "completed", col(Job.started_at).is_not(None))
             .order_by(col(Job.finished_at).desc())
             .limit(20)
             .subquery()
@@ -448,14 +485,10 @@ class Lifecycle:
         return typical
 
 
-async def _move_credits(
-    s: AsyncSession, user_id: str, delta: int, allow_negative: bool = False
-) -> int | None:
+async def _move_credits(s: AsyncSession, user_id: str, delta: int, allow_negative: bool = False) -> int | None:
     """Add `delta` to a balance atomically; None if it would go below zero (or no such user)."""
     stmt = update(User).where(col(User.id) == user_id)
     if not allow_negative and delta < 0:
         stmt = stmt.where(col(User.credits) >= -delta)
-    row = (
-        await s.execute(stmt.values(credits=col(User.credits) + delta).returning(col(User.credits)))
-    ).first()
+    row = (await s.execute(stmt.values(credits=col(User.credits) + delta).returning(col(User.credits)))).first()
     return None if row is None else int(row[0])

@@ -29,9 +29,7 @@ def _params(model: type[BaseModel]) -> list[dict[str, Any]]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
     out = []
     for name, prop in schema.get("properties", {}).items():
-        out.append(
-            {"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop}
-        )
+        out.append({"name": name, "in": "query", "required": name in schema.get("required", []), "schema": prop})
     return out
 
 
@@ -73,17 +71,13 @@ def build() -> dict[str, Any]:
         if r.body is not None:
             op["requestBody"] = {
                 "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}
-                },
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}},
             }
         responses: dict[str, Any] = {}
         if r.response is not None:
             responses[str(r.status)] = {
                 "description": "OK",
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{r.response.__name__}"}}
-                },
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{r.response.__name__}"}}},
             }
         if r.path.startswith("/api/jobs/{job_id}") and r.method == "GET" and r.response is m.JobResource:
             responses["304"] = {"description": "Not modified (If-None-Match)"}

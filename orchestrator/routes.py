@@ -47,9 +47,7 @@ async def submit(request: web.Request, queue: str) -> web.Response:
             "Idempotency-Key must be 1-255 printable characters",
             details=[{"field": "Idempotency-Key", "message": "invalid"}],
         )
-    request_hash = hashlib.sha256(
-        queue.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-    ).hexdigest()
+    request_hash = hashlib.sha256(queue.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
     job, replayed = await c.lifecycle.submit(
         user.user_id,
         task,
@@ -112,9 +110,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def cancel_job(request: web.Request) -> web.Response:
     user = await full_access(request)
-    job = await core(request).lifecycle.cancel(
-        request.match_info["job_id"], user.user_id, f"user:{user.user_id}"
-    )
+    job = await core(request).lifecycle.cancel(request.match_info["job_id"], user.user_id, f"user:{user.user_id}")
     return json_response(job_resource(job))
 
 
@@ -142,9 +138,7 @@ async def me(request: web.Request) -> web.Response:
 async def my_ledger(request: web.Request) -> web.Response:
     user = await full_access(request)
     q = query(request, m.LedgerQuery)
-    rows, nxt = await accounts.ledger(
-        core(request).db, user.user_id, q.limit, int(q.cursor) if q.cursor else None
-    )
+    rows, nxt = await accounts.ledger(core(request).db, user.user_id, q.limit, int(q.cursor) if q.cursor else None)
     return json_response({"entries": [accounts.ledger_entry(e) for e in rows], "nextCursor": nxt})
 
 

@@ -25,9 +25,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./.orchestrator"), validation_alias=_env("ORCH_DATA_DIR"))
     public_url: str = Field("", validation_alias=_env("ORCH_PUBLIC_URL"))
     webhook_allow_private: bool = Field(False, validation_alias=_env("ORCH_WEBHOOK_ALLOW_PRIVATE"))
-    webhook_retry_schedule: str = Field(
-        DEFAULT_RETRY_SCHEDULE_S, validation_alias=_env("ORCH_WEBHOOK_RETRY_SCHEDULE")
-    )
+    webhook_retry_schedule: str = Field(DEFAULT_RETRY_SCHEDULE_S, validation_alias=_env("ORCH_WEBHOOK_RETRY_SCHEDULE"))
     webhook_timeout_s: float = Field(15.0, validation_alias=_env("ORCH_WEBHOOK_TIMEOUT"))
     worker_lost_after_s: float = Field(60.0, validation_alias=_env("ORCH_WORKER_LOST_AFTER"))
     retention_days: float = Field(7.0, validation_alias=_env("ORCH_RETENTION_DAYS"))
@@ -42,6 +40,10 @@ class Settings(BaseSettings):
     ws_outbox_messages: int = Field(2048, validation_alias=_env("ORCH_WS_OUTBOX_MESSAGES"))
     """Messages held for one socket; a consumer that falls this far behind is closed with 1013."""
     task_modules: str = Field("", validation_alias=_env("ORCH_TASK_MODULES"))
+    task_max_attempts: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_MAX_ATTEMPTS"))
+    requeue_after_s: float = Field(10.0, validation_alias=_env("ORCH_REQUEUE_AFTER"))
+    """A queued job that Redis does not hold is enqueued again after this long."""
+    sweep_interval_s: float = Field(5.0, validation_alias=_env("ORCH_SWEEP_INTERVAL"))
     fal_key: str = Field("", validation_alias=_env("FAL_KEY"))
     log_level: str = Field("INFO", validation_alias=_env("ORCH_LOG_LEVEL"))
 

@@ -34,10 +34,12 @@ class TaskContext:
         self._run = run_sync
 
     def report(self, progress: float, message: str | None = None, data: dict[str, Any] | None = None) -> None:
-        self._run(self._lifecycle.progress(self.job_id, progress, message, data, actor=self.actor))
+        self._run(
+            self._lifecycle.progress(self.job_id, progress, message, data, actor=self.actor, attempt=self.attempt)
+        )
 
     def log(self, message: str, data: dict[str, Any] | None = None) -> None:
-        self._run(self._lifecycle.log(self.job_id, message, data, actor=self.actor))
+        self._run(self._lifecycle.log(self.job_id, message, data, actor=self.actor, attempt=self.attempt))
 
     def handoff(self, provider: str, request_id: str) -> None:
         """The job now runs at `provider`; its webhook or poller will start and finish it."""

@@ -85,9 +85,7 @@ class Dispatcher:
             except InvalidJobOperation:
                 pass
 
-    async def aenqueue(
-        self, job_id: str, queue: str, attempt: int, timeout_s: int, delay_s: float = 0
-    ) -> None:
+    async def aenqueue(self, job_id: str, queue: str, attempt: int, timeout_s: int, delay_s: float = 0) -> None:
         await asyncio.to_thread(self.enqueue, job_id, queue, attempt, timeout_s, delay_s)
 
     async def astop(self, job_id: str, attempt: int) -> None:

@@ -82,11 +82,18 @@ class Registry:
     def all(self) -> list[TaskType]:
         return list(self._types.values())
 
-    def configured(self, costs: dict[str, int], timeouts: dict[str, int]) -> Registry:
-        """A copy with costs and timeouts overridden from settings."""
+    def configured(self, costs: dict[str, int], timeouts: dict[str, int], attempts: dict[str, int]) -> Registry:
+        """A copy with costs, timeouts and attempts overridden from settings."""
         out = Registry()
         for t in self._types.values():
-            out.add(replace(t, cost=costs.get(t.name, t.cost), timeout_s=timeouts.get(t.name, t.timeout_s)))
+            out.add(
+                replace(
+                    t,
+                    cost=costs.get(t.name, t.cost),
+                    timeout_s=timeouts.get(t.name, t.timeout_s),
+                    max_attempts=attempts.get(t.name, t.max_attempts),
+                )
+            )
         return out
 
 
@@ -103,4 +110,4 @@ def build_registry(settings: Settings) -> Registry:
         found = mod.tasks(settings) if hasattr(mod, "tasks") else [mod.TASK]
         for task in found:
             reg.add(task)
-    return reg.configured(settings.task_costs, settings.task_timeouts)
+    return reg.configured(settings.task_costs, settings.task_timeouts, settings.task_max_attempts)

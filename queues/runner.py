@@ -42,10 +42,11 @@ def execute(rt: Runtime, job_id: str) -> None:
         except (IllegalTransition, NotFound):
             pass  # finished elsewhere (cancelled, timed out): nothing more to say
 
+    n = job.attempts
     if task is None:
-        finish(rt.lifecycle.fail(job_id, "TASK_ERROR", f"unknown task type {job.type!r}", actor))
+        finish(rt.lifecycle.fail(job_id, "TASK_ERROR", f"unknown task type {job.type!r}", actor, attempt=n))
         return
-    ctx = TaskContext(job_id, job.attempts, actor, _Guarded(rt), rt.artifacts, rt.run_sync)
+    ctx = TaskContext(job_id, n, actor, _Guarded(rt), rt.artifacts, rt.run_sync)
     try:
         inp = task.input_model.model_validate(job.input)
         result = task.handler(ctx, inp)
@@ -54,22 +55,27 @@ def execute(rt: Runtime, job_id: str) -> None:
     except JobTimeoutException:
         finish(
             rt.lifecycle.fail(
-                job_id, "TIMEOUT", f"exceeded the {task.timeout_s} s timeout", "timeout", status="timed_out"
+                job_id,
+                "TIMEOUT",
+                f"exceeded the {task.timeout_s} s timeout",
+                "timeout",
+                status="timed_out",
+                attempt=n,
             )
         )
         return
     except TaskError as exc:
-        if exc.retryable and job.attempts < task.max_attempts:
-            finish(rt.lifecycle.retry(job_id, str(exc), actor, task.backoff_s(job.attempts)))
+        if exc.retryable and n < task.max_attempts and not task.deferred_start:
+            finish(rt.lifecycle.retry(job_id, str(exc), actor, task.backoff_s(n), attempt=n))
         else:
-            finish(rt.lifecycle.fail(job_id, exc.code, str(exc), actor))
+            finish(rt.lifecycle.fail(job_id, exc.code, str(exc), actor, attempt=n))
         return
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        finish(rt.lifecycle.fail(job_id, "TASK_ERROR", f"{type(exc).__name__}: {exc}", actor))
+        finish(rt.lifecycle.fail(job_id, "TASK_ERROR", f"{type(exc).__name__}: {exc}", actor, attempt=n))
         return
     if not task.deferred_start:
-        finish(rt.lifecycle.complete(job_id, result, actor))
+        finish(rt.lifecycle.complete(job_id, result, actor, attempt=n))
 
 
 async def _load(rt: Runtime, job_id: str) -> Job | None:

@@ -1,4 +1,8 @@
-"""`orchestrator worker`: one RQ worker process (fork per job, RQ's scheduler for delayed retries)."""
+"""`orchestrator worker`: one RQ worker process (fork per job, RQ's scheduler for delayed retries).
+
+Besides RQ's own bookkeeping, the worker keeps `orch:hb:{name}` alive (TTL = ORCH_WORKER_LOST_AFTER)
+while it lives; the sweeper treats a running job whose worker key expired as lost.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import logging
 import os
 import secrets
 import socket
+from typing import Any
 
 from redis import Redis
 from rq import Queue, Worker
 
+from orchestrator import keys
 from orchestrator.db import Database
 from orchestrator.settings import Settings
 from queues.registry import QUEUES
@@ -20,6 +26,24 @@ log = logging.getLogger(__name__)
 
 def worker_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(2)}"
+
+
+class OrchestratorWorker(Worker):
+    lost_after_s: float = 60.0
+
+    def orch_heartbeat(self) -> None:
+        try:
+            self.connection.set(keys.worker_heartbeat(self.name), os.getpid(), ex=max(1, int(self.lost_after_s)))
+        except Exception as exc:  # Redis away: RQ will notice too
+            log.warning("heartbeat failed: %s", exc)
+
+    def heartbeat(self, timeout: Any = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        self.orch_heartbeat()
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        self.orch_heartbeat()
+        super().execute_job(job, queue)
 
 
 def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bool:
@@ -32,7 +56,15 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bo
 
         start_http_server(settings.metrics_port, addr=settings.host)
     conn = Redis.from_url(settings.redis)
-    worker = Worker([Queue(q, connection=conn) for q in queues], connection=conn, name=worker_name())
+    lost_after = settings.worker_lost_after_s
+    worker = OrchestratorWorker(
+        [Queue(q, connection=conn) for q in queues],
+        connection=conn,
+        name=worker_name(),
+        # heartbeat often enough that a live worker is never taken for lost
+        job_monitoring_interval=max(1, int(lost_after / 4)),
+    )
+    worker.lost_after_s = lost_after
     log.info("worker %s on queues %s", worker.name, ",".join(queues))
     return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level))
 

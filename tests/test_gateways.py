@@ -82,8 +82,10 @@ def _raw_ws(port: int, key: str) -> socket.socket:
     s.connect(("127.0.0.1", port))
     nonce = base64.b64encode(os.urandom(16)).decode()
     s.sendall(
-        (f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         f"Sec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n").encode()
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n"
+        ).encode()
     )
     head = b""
     while b"\r\n\r\n" not in head:
@@ -101,8 +103,7 @@ def _frame(text: str) -> bytes:
     return header + mask + masked
 
 
-async def test_slow_consumer_is_disconnected_and_others_are_not_delayed(stack: Stack,
-                                                                       http: aiohttp.ClientSession):
+async def test_slow_consumer_is_disconnected_and_others_are_not_delayed(stack: Stack, http: aiohttp.ClientSession):
     user = await stack.user(credits=100)
     api = Api(http, stack.url, user.api_key)
     job = await api.submit("generate", {"seconds": 0, "ticks": 300}, type="sleep")

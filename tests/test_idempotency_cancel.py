@@ -59,10 +59,7 @@ async def test_keys_are_scoped_to_the_user(stack: Stack, http: aiohttp.ClientSes
 async def test_concurrent_duplicates_create_one_job(api: Api):
     body = {"type": "sleep", "input": {"seconds": 0, "ticks": 0}}
     results = await asyncio.gather(
-        *(
-            api.call("POST", "/api/generate", json=body, headers={"Idempotency-Key": "race"})
-            for _ in range(10)
-        )
+        *(api.call("POST", "/api/generate", json=body, headers={"Idempotency-Key": "race"}) for _ in range(10))
     )
     ok = [r for r in results if r[0] == 202]
     assert {r[1]["jobId"] for r in ok} and len({r[1]["jobId"] for r in ok}) == 1

@@ -46,9 +46,7 @@ async def test_missing_or_wrong_key_is_401(stack: Stack, http: aiohttp.ClientSes
 async def test_malformed_json_is_400_and_changes_nothing(api: Api):
     before = await credits_and_jobs(api)
     for raw in (b"{", b"[1,2", b"not json", b"", b"\xff\xfe"):
-        status, body, _ = await api.call(
-            "POST", "/api/train", data=raw, headers={"Content-Type": "application/json"}
-        )
+        status, body, _ = await api.call("POST", "/api/train", data=raw, headers={"Content-Type": "application/json"})
         assert_error(status, body, 400, "BAD_REQUEST")
     assert await credits_and_jobs(api) == before
 
@@ -90,9 +88,7 @@ async def test_validation_errors_name_the_fields(api: Api):
 async def test_unicode_names_and_prompts(api: Api):
     status, err, _ = await api.call("POST", "/api/train", json={"input": {"name": "ĺöŕá"}})
     assert_error(status, err, 422, "VALIDATION_ERROR")
-    job = await api.submit(
-        "generate", {"prompt": "un renard roux 🦊 雪の中", "width": 64, "height": 64, "steps": 1}
-    )
+    job = await api.submit("generate", {"prompt": "un renard roux 🦊 雪の中", "width": 64, "height": 64, "steps": 1})
     assert job["input"]["prompt"] == "un renard roux 🦊 雪の中"
 
 

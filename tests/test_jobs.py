@@ -18,9 +18,7 @@ async def api(stack: Stack, http: aiohttp.ClientSession) -> Api:
     return Api(http, stack.url, user.api_key)
 
 
-async def test_lora_job_trains_an_adapter_whose_loss_falls(
-    api: Api, http: aiohttp.ClientSession, stack: Stack
-):
+async def test_lora_job_trains_an_adapter_whose_loss_falls(api: Api, http: aiohttp.ClientSession, stack: Stack):
     status, job, headers = await api.call("POST", "/api/train", json={"input": {"name": "fox", "steps": 300}})
     assert status == 202
     assert headers["Location"] == f"/api/jobs/{job['jobId']}"
@@ -114,9 +112,7 @@ async def test_another_users_job_is_not_found(api: Api, stack: Stack, http: aioh
 
 async def test_list_pages_own_jobs_newest_first(stack: Stack, http: aiohttp.ClientSession):
     api = Api(http, stack.url, (await stack.user()).api_key)
-    ids = [
-        (await api.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep"))["jobId"] for _ in range(5)
-    ]
+    ids = [(await api.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep"))["jobId"] for _ in range(5)]
     seen: list[str] = []
     cursor = None
     for _ in range(5):
@@ -139,9 +135,7 @@ async def test_status_alias_and_etag(api: Api):
     done = await api.wait(job["jobId"])
     status, alias, headers = await api.call("GET", f"/api/status/{job['jobId']}")
     assert status == 200 and alias["status"] == done["status"] and alias["seq"] == done["seq"]
-    status, _, _ = await api.call(
-        "GET", f"/api/jobs/{job['jobId']}", headers={"If-None-Match": headers["ETag"]}
-    )
+    status, _, _ = await api.call("GET", f"/api/jobs/{job['jobId']}", headers={"If-None-Match": headers["ETag"]})
     assert status == 304
 
 

@@ -17,8 +17,9 @@ async def api(stack: Stack, http: aiohttp.ClientSession) -> Api:
     return Api(http, stack.url, (await stack.user(credits=500)).api_key)
 
 
-async def ws_collect(ws: aiohttp.ClientWebSocketResponse, job_ids: set[str], timeout_s: float = 60
-                     ) -> dict[str, list[dict[str, Any]]]:
+async def ws_collect(
+    ws: aiohttp.ClientWebSocketResponse, job_ids: set[str], timeout_s: float = 60
+) -> dict[str, list[dict[str, Any]]]:
     """Messages per job until each job's final event (bounded)."""
     out: dict[str, list[dict[str, Any]]] = {j: [] for j in job_ids}
     done: set[str] = set()
@@ -77,8 +78,15 @@ async def test_ws_errors_keep_the_socket_open(api: Api, http: aiohttp.ClientSess
     other = Api(http, stack.url, (await stack.user()).api_key)
     foreign = await other.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep")
     async with http.ws_connect(stack.url + "/ws", headers=api.headers()) as ws:
-        bad = ["not json", "[]", '{"type": 5}', '{"type": "dance"}', '{"type": "subscribe"}',
-               '{"type": "subscribe", "jobId": "x", "since": -1}', '{"type": "subscribe", "jobId": "x", "since": "a"}']
+        bad = [
+            "not json",
+            "[]",
+            '{"type": 5}',
+            '{"type": "dance"}',
+            '{"type": "subscribe"}',
+            '{"type": "subscribe", "jobId": "x", "since": -1}',
+            '{"type": "subscribe", "jobId": "x", "since": "a"}',
+        ]
         for text in bad:
             await ws.send_str(text)
             msg = await ws.receive_json(timeout=10)
@@ -94,8 +102,10 @@ async def test_ws_errors_keep_the_socket_open(api: Api, http: aiohttp.ClientSess
 
 
 async def test_ws_oversized_message_closes_only_that_socket(api: Api, http: aiohttp.ClientSession, stack: Stack):
-    async with http.ws_connect(stack.url + "/ws", headers=api.headers()) as good, \
-            http.ws_connect(stack.url + "/ws", headers=api.headers()) as bad:
+    async with (
+        http.ws_connect(stack.url + "/ws", headers=api.headers()) as good,
+        http.ws_connect(stack.url + "/ws", headers=api.headers()) as bad,
+    ):
         await bad.send_str(json.dumps({"type": "ping", "pad": "x" * 100_000}))
         msg = await bad.receive(timeout=10)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
@@ -103,8 +113,9 @@ async def test_ws_oversized_message_closes_only_that_socket(api: Api, http: aioh
         assert (await good.receive_json(timeout=10)) == {"type": "pong"}
 
 
-async def test_subscribe_token_opens_ws_and_stream_and_nothing_else(api: Api, http: aiohttp.ClientSession,
-                                                                     stack: Stack):
+async def test_subscribe_token_opens_ws_and_stream_and_nothing_else(
+    api: Api, http: aiohttp.ClientSession, stack: Stack
+):
     job = await api.submit("generate", {"seconds": 0.3, "ticks": 3}, type="sleep")
     other_job = await api.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep")
     status, tok, _ = await api.call("POST", "/api/tokens", json={"jobIds": [job["jobId"]], "ttlSeconds": 60})
@@ -119,16 +130,20 @@ async def test_subscribe_token_opens_ws_and_stream_and_nothing_else(api: Api, ht
     async with http.get(f"{stack.url}/api/jobs/{job['jobId']}/stream?token={token}") as r:
         assert r.status == 200
     bearer = {"Authorization": f"Bearer {token}"}
-    for method, path in [("GET", f"/api/jobs/{job['jobId']}"), ("POST", "/api/generate"), ("GET", "/api/jobs"),
-                         ("POST", "/api/tokens")]:
+    for method, path in [
+        ("GET", f"/api/jobs/{job['jobId']}"),
+        ("POST", "/api/generate"),
+        ("GET", "/api/jobs"),
+        ("POST", "/api/tokens"),
+    ]:
         async with http.request(method, stack.url + path, headers=bearer, json={"input": {}}) as r:
             assert r.status in (401, 403), (path, r.status)
         async with http.request(method, f"{stack.url}{path}?token={token}", json={"input": {}}) as r:
             assert r.status in (401, 403), (path, r.status)
     status, err, _ = await api.call("POST", "/api/tokens", json={"ttlSeconds": 0})
-    assert status == 422
+    assert status == 422 and err["error"]["code"] == "VALIDATION_ERROR"
     status, err, _ = await api.call("POST", "/api/tokens", json={"jobIds": ["nope"]})
-    assert status == 404
+    assert status == 404 and err["error"]["code"] == "NOT_FOUND"
 
 
 async def test_expired_token_is_refused(api: Api, http: aiohttp.ClientSession, stack: Stack):
@@ -177,8 +192,9 @@ async def test_sse_snapshot_events_and_end(api: Api, http: aiohttp.ClientSession
 async def test_sse_resumes_after_last_event_id(api: Api, http: aiohttp.ClientSession, stack: Stack):
     job = await api.submit("generate", {"seconds": 0, "ticks": 5}, type="sleep")
     done = await api.wait(job["jobId"])
-    async with http.get(f"{stack.url}/api/jobs/{job['jobId']}/stream", headers=api.headers({"Last-Event-ID": "4"})
-                        ) as r:
+    async with http.get(
+        f"{stack.url}/api/jobs/{job['jobId']}/stream", headers=api.headers({"Last-Event-ID": "4"})
+    ) as r:
         frames = await read_sse(r)
     assert [int(f["id"]) for f in frames if "id" in f] == list(range(5, done["seq"] + 1))
     async with http.get(f"{stack.url}/api/jobs/{job['jobId']}/stream?since=6", headers=api.headers()) as r:
@@ -191,8 +207,9 @@ async def test_long_poll_answers_when_something_changes(api: Api):
     seq = job["seq"]
     seen = [seq]
     for _ in range(20):
-        status, body, _ = await api.call("GET", f"/api/jobs/{job['jobId']}", params={"waitSeconds": 30,
-                                                                                  "afterSeq": seq})
+        status, body, _ = await api.call(
+            "GET", f"/api/jobs/{job['jobId']}", params={"waitSeconds": 30, "afterSeq": seq}
+        )
         assert status == 200 and body["seq"] > seq
         seq = body["seq"]
         seen.append(seq)

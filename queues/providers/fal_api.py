@@ -195,9 +195,7 @@ def _from_exception(exc: BaseException) -> FalError:
     if isinstance(exc, httpx.TimeoutException | fal_client.FalClientTimeoutError):
         return FalError(f"fal request timed out: {exc}", retryable=True, error_type="timeout")
     if isinstance(exc, httpx.TransportError):
-        return FalError(
-            f"cannot reach fal: {type(exc).__name__}: {exc}", retryable=True, error_type="network"
-        )
+        return FalError(f"cannot reach fal: {type(exc).__name__}: {exc}", retryable=True, error_type="network")
     if isinstance(exc, MissingCredentialsError):
         return FalError(str(exc), retryable=False, error_type="missing_credentials")
     # Bad model id (ValueError from fal_client), malformed answers (KeyError, JSON errors).
@@ -241,9 +239,7 @@ def _log_messages(logs: list[dict[str, Any]] | None) -> list[str]:
 
 
 def _not_ready(request_id: str, st: FalStatus) -> FalNotReady:
-    return FalNotReady(
-        f"fal request {request_id} is {st.state}, not COMPLETED", retryable=True, error_type="not_ready"
-    )
+    return FalNotReady(f"fal request {request_id} is {st.state}, not COMPLETED", retryable=True, error_type="not_ready")
 
 
 # --- clients --------------------------------------------------------------------------------

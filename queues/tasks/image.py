@@ -57,5 +57,6 @@ TASK = TaskType(
     cost=2,
     timeout_s=600,
     handler=render,
+    max_attempts=2,
     description="Render a PNG with Pillow in `steps` passes.",
 )

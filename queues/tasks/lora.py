@@ -84,9 +84,7 @@ def train(ctx: TaskContext, inp: LoraInput) -> dict[str, Any]:
         },
         metadata=metadata,
     )
-    artifact = ctx.artifact(
-        f"{inp.name}.safetensors", bytes(io.BytesIO(blob).getbuffer()), "application/octet-stream"
-    )
+    artifact = ctx.artifact(f"{inp.name}.safetensors", bytes(io.BytesIO(blob).getbuffer()), "application/octet-stream")
     return {"artifacts": [artifact], "finalLoss": loss, "steps": inp.steps}
 
 
@@ -97,5 +95,6 @@ TASK = TaskType(
     cost=10,
     timeout_s=3600,
     handler=train,
+    max_attempts=2,
     description="Train a rank-r LoRA adapter on the CPU with numpy; yields a .safetensors file.",
 )
