@@ -52,14 +52,7 @@ RED = "red"
 
 
 def _target(expr: str, legend: str, ref_id: str) -> prometheus_builder.Dataquery:
-    return (
-        prometheus_builder.Dataquery()
-        .expr(expr)
-        .legend_format(legend)
-        .ref_id(ref_id)
-        .range()
-        .datasource(DATASOURCE)
-    )
+    return prometheus_builder.Dataquery().expr(expr).legend_format(legend).ref_id(ref_id).range().datasource(DATASOURCE)
 
 
 def _thresholds(*steps: tuple[float | None, str]) -> dashboard_builder.ThresholdsConfig:
@@ -100,9 +93,7 @@ def _timeseries(
             .show_legend(True)
         )
         .tooltip(
-            common_builder.VizTooltipOptions()
-            .mode(common.TooltipDisplayMode.MULTI)
-            .sort(common.SortOrder.DESCENDING)
+            common_builder.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)
         )
     )
     if minimum is not None:
@@ -262,9 +253,7 @@ def build() -> dashboard_builder.Dashboard:
         _timeseries(
             "Run time (running → finished)",
             "Percentiles of job run time per queue and type, all final statuses.",
-            _quantiles(
-                "orchestrator_job_duration_seconds", "queue, type", "{{queue}} {{type}}", Q, cluster=True
-            ),
+            _quantiles("orchestrator_job_duration_seconds", "queue, type", "{{queue}} {{type}}", Q, cluster=True),
             "s",
         )
     )

@@ -10,25 +10,29 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from metrics.jobs import SEP
+from metrics.jobs import DURATION_BUCKETS_S, SEP, WAIT_BUCKETS_S
 from orchestrator import keys
 from queues.registry import QUEUES
 
 
-def _histogram(name: str, doc: str, labels: list[str], raw: dict[bytes, bytes]) -> HistogramMetricFamily:
+def _histogram(
+    name: str, doc: str, labels: list[str], raw: dict[bytes, bytes], bounds: tuple[float, ...]
+) -> HistogramMetricFamily:
+    """A complete classic histogram per label set: every bucket, the empty ones as 0."""
     fam = HistogramMetricFamily(name, doc, labels=labels)
     series: dict[tuple[str, ...], dict[str, float]] = defaultdict(dict)
     for k, v in raw.items():
         parts = k.decode().split(SEP)
         series[tuple(parts[:-1])][parts[-1]] = float(v)
     for lv, values in sorted(series.items()):
-        total = values.pop("sum", 0.0)
-        buckets = sorted(((le, c) for le, c in values.items()), key=lambda x: float(x[0]))
-        fam.add_metric(list(lv), [(le if le != "+Inf" else "+Inf", c) for le, c in buckets], total)
+        buckets = [(floatToGoString(le), values.get(str(le), 0.0)) for le in bounds]
+        buckets.append(("+Inf", values.get("+Inf", 0.0)))
+        fam.add_metric(list(lv), buckets, values.get("sum", 0.0))
     return fam
 
 
@@ -55,9 +59,14 @@ class ClusterCollector(Collector):
             "Job run time, running to finished (cluster-wide).",
             ["queue", "type", "status"],
             durations,
+            DURATION_BUCKETS_S,
         )
         yield _histogram(
-            "orchestrator_job_wait_seconds", "Time from queued to running (cluster-wide).", ["queue"], waits
+            "orchestrator_job_wait_seconds",
+            "Time from queued to running (cluster-wide).",
+            ["queue"],
+            waits,
+            WAIT_BUCKETS_S,
         )
         depth = GaugeMetricFamily("orchestrator_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"])
         running = GaugeMetricFamily("orchestrator_jobs_running", "Jobs running per queue (RQ).", labels=["queue"])

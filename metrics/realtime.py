@@ -24,6 +24,8 @@ DELIVERY_LAG = Histogram(
     buckets=LAG_BUCKETS_S,
 )
 _lag = {c: DELIVERY_LAG.labels(c) for c in ("ws", "sse", "webhook")}
+for _outcome in ("success", "retry", "failed", "gone", "forbidden"):
+    WEBHOOK_DELIVERIES.labels(_outcome)  # every outcome exported from the start, so rate() sees the first
 
 
 def event_time(event: dict[str, Any]) -> float:

@@ -18,7 +18,6 @@ from orchestrator.settings import Settings
 from orchestrator.web import CORE, core, errors_middleware, json_response
 from ws_gateway.hub import hub_ctx
 from ws_gateway.limits import SocketSlots
-from ws_gateway.sse import stream_handler
 from ws_gateway.websocket import SOCKET_SLOTS, SOCKETS, close_all_sockets, ws_handler
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -102,7 +101,6 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.on_shutdown.append(close_all_sockets)
     for r in API_ROUTES + extra_routes():
         app.router.add_route(r.method, r.path, r.handler)
-    app.router.add_get("/api/jobs/{job_id}/stream", stream_handler)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -7,8 +7,9 @@ EVENTS_CHANNEL = f"{PREFIX}:events"
 JOB_METRICS_TOTAL = f"{PREFIX}:metrics:jobs_total"
 JOB_METRICS_DURATION = f"{PREFIX}:metrics:job_duration"
 JOB_METRICS_WAIT = f"{PREFIX}:metrics:job_wait"
-WEBHOOK_METRICS = f"{PREFIX}:metrics:webhooks"
 SWEEPER_LOCK = f"{PREFIX}:lock:sweeper"
+DELAYED = f"{PREFIX}:delayed"
+"""Attempts waiting for their backoff: member `jobId|queue|attempt|timeout`, score = due time."""
 
 
 def event_log(job_id: str) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 from pydantic.json_schema import models_json_schema
 
 from orchestrator import api_models as m
@@ -17,7 +19,7 @@ ERRORS = {
     402: "Insufficient credits",
     403: "Not allowed with this credential",
     404: "Not found (or another user's)",
-    409: "Conflict (JOB_FINISHED, IDEMPOTENCY_KEY_IN_USE)",
+    409: "Conflict (JOB_FINISHED, IDEMPOTENCY_KEY_IN_USE, DELIVERY_IN_PROGRESS)",
     413: "Body too large",
     422: "Validation failed (VALIDATION_ERROR, IDEMPOTENCY_KEY_REUSED, WEBHOOK_URL_FORBIDDEN)",
     429: "Rate limited (see Retry-After)",
@@ -46,15 +48,16 @@ def build() -> dict[str, Any]:
     )
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
-        path = r.path.replace("{job_id}", "{jobId}")
+        path = re.sub(r"{(\w+)}", lambda m: "{" + to_camel(m.group(1)) + "}", r.path)
         op: dict[str, Any] = {
             "summary": r.summary,
             "tags": [r.tag],
             "operationId": f"{r.method.lower()}_{r.handler.__name__}_{len(paths)}",
         }
-        params: list[dict[str, Any]] = []
-        if "{jobId}" in path:
-            params.append({"name": "jobId", "in": "path", "required": True, "schema": {"type": "string"}})
+        params: list[dict[str, Any]] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+            for name in re.findall(r"{(\w+)}", path)
+        ]
         if r.query is not None:
             params += _params(r.query)
         if r.path in ("/api/train", "/api/generate"):
@@ -74,7 +77,9 @@ def build() -> dict[str, Any]:
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}},
             }
         responses: dict[str, Any] = {}
-        if r.response is not None:
+        if r.response is None:
+            responses[str(r.status)] = {"description": "An event stream", "content": {"text/event-stream": {}}}
+        else:
             responses[str(r.status)] = {
                 "description": "OK",
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{r.response.__name__}"}}},

@@ -19,6 +19,7 @@ from orchestrator.ssrf import check_url
 from orchestrator.views import FINAL, iso, job_resource
 from orchestrator.web import core, full_access, json_response, query, read_json, validate
 from ws_gateway.hub import HUB
+from ws_gateway.sse import stream_handler
 
 DEFAULT_TYPE = {"train": "lora", "generate": "image"}
 MAX_IDEMPOTENCY_KEY = 255
@@ -196,6 +197,15 @@ API_ROUTES: list[Route] = [
         "A job's event history",
         m.EventList,
         query=m.EventsQuery,
+    ),
+    Route(
+        "GET",
+        "/api/jobs/{job_id}/stream",
+        stream_handler,
+        "Follow a job as Server-Sent Events (snapshot, then events; resume with Last-Event-ID or since)",
+        None,
+        query=m.StreamQuery,
+        auth="token",
     ),
     Route("GET", "/api/types", list_types, "Registered task types", m.TypeList, tag="types"),
     Route("GET", "/api/me", me, "The caller's account", m.Me, tag="account"),

@@ -1,6 +1,10 @@
 """Puts jobs on RQ queues and stops them. RQ is synchronous: async callers use the `a*` methods,
 which run it in a thread so the event loop never blocks.
 
+Delayed attempts (retry backoff) wait in a Redis sorted set scored by due time; the API
+processes' promoter moves them into RQ when due. This does not depend on RQ's scheduler, whose
+lock can sit with a worker that died.
+
 The RQ job id of an attempt is `{jobId}_a{n}`: a retry is a new RQ job, so RQ's bookkeeping
 for the attempt that is ending never overwrites the next one's.
 """
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+import time
 
 from redis import Redis
 from rq import Queue
@@ -17,6 +21,8 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus
+
+from orchestrator import keys
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,38 @@ class Dispatcher:
             "failure_ttl": FAILURE_TTL_S,
             "description": f"orchestrator job {job_id} attempt {attempt}",
         }
-        q = self.queue(queue)
         if delay_s > 0:
-            q.enqueue_in(timedelta(seconds=delay_s), RUNNER, job_id, **kwargs)
-        else:
-            q.enqueue(RUNNER, job_id, **kwargs)
+            member = f"{job_id}|{queue}|{attempt}|{timeout_s}"
+            self.redis.zadd(keys.DELAYED, {member: time.time() + delay_s})
+            return
+        self.queue(queue).enqueue(RUNNER, job_id, **kwargs)
+
+    def promote_due(self, limit: int = 100) -> list[str]:
+        """Enqueue delayed attempts that are due; returns their job ids."""
+        due = self.redis.zrangebyscore(keys.DELAYED, "-inf", time.time(), start=0, num=limit)
+        out = []
+        for raw in due:
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if not self.redis.zrem(keys.DELAYED, member):
+                continue  # another process took it
+            job_id, queue, attempt, timeout_s = member.rsplit("|", 3)
+            try:
+                self.enqueue(job_id, queue, int(attempt), int(timeout_s))
+            except Exception:
+                self.redis.zadd(keys.DELAYED, {member: time.time() + 1})
+                raise
+            out.append(job_id)
+        return out
+
+    def _delayed(self, job_id: str) -> list[str]:
+        """The job's delayed attempts (the set is small: only attempts in backoff)."""
+        members = (m.decode() if isinstance(m, bytes) else str(m) for m in self.redis.zrange(keys.DELAYED, 0, -1))
+        return [m for m in members if m.split("|", 1)[0] == job_id]
 
     def is_enqueued(self, job_id: str, attempt: int) -> bool:
         """True when RQ holds the attempt (queued, scheduled, deferred or running)."""
+        if any(int(m.rsplit("|", 3)[2]) == attempt for m in self._delayed(job_id)):
+            return True
         try:
             job = RQJob.fetch(rq_job_id(job_id, attempt), connection=self.redis)
         except NoSuchJobError:
@@ -68,6 +98,8 @@ class Dispatcher:
 
     def stop(self, job_id: str, attempt: int) -> None:
         """Stop an attempt: drop it from its queue, or kill its work horse if it runs."""
+        for member in self._delayed(job_id):
+            self.redis.zrem(keys.DELAYED, member)
         rid = rq_job_id(job_id, attempt)
         try:
             job = RQJob.fetch(rid, connection=self.redis)

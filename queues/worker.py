@@ -1,4 +1,4 @@
-"""`orchestrator worker`: one RQ worker process (fork per job, RQ's scheduler for delayed retries).
+"""`orchestrator worker`: one RQ worker process (a forked work horse per job).
 
 Besides RQ's own bookkeeping, the worker keeps `orch:hb:{name}` alive (TTL = ORCH_WORKER_LOST_AFTER)
 while it lives; the sweeper treats a running job whose worker key expired as lost.
@@ -66,7 +66,7 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bo
     )
     worker.lost_after_s = lost_after
     log.info("worker %s on queues %s", worker.name, ",".join(queues))
-    return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level))
+    return bool(worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level))
 
 
 async def _ensure_schema(settings: Settings) -> None:

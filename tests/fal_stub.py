@@ -17,10 +17,13 @@ What it serves on https://127.0.0.1:<port>/ (see docs/fal-protocol.md):
 - `PUT /{owner}/{alias}/requests/{id}/cancel` -> 202 CANCELLATION_REQUESTED /
   400 ALREADY_COMPLETED / 404 NOT_FOUND
 - `GET /files/{id}/{n}.png` -> the generated images (no auth, like fal's CDN)
+- `GET /.well-known/jwks.json` -> the Ed25519 public key that signs its webhooks (as fal's JWKS)
 
 A request advances by status polls (ModelBehaviour.queue_polls, .progress_polls) or by time
 (.queue_seconds, .progress_seconds), whichever is further along; when it completes, the stub
-POSTs fal's webhook body to the `fal_webhook` URL (once, twice, or never, per behaviour).
+POSTs fal's webhook body to the `fal_webhook` URL (once, twice, or never, per behaviour), signed
+as fal signs them: `X-Fal-Webhook-{Request-Id,User-Id,Timestamp,Signature}`, the signature being
+hex Ed25519 over `{request_id}\n{user_id}\n{timestamp}\n{sha256 hex of the body}`.
 
 The server runs in its own thread and event loop, so sync and async tests can use it alike;
 every recorded list is guarded by a lock. TLS: a throwaway CA from `trustme`; `ca_bundle`
@@ -30,7 +33,9 @@ holds that CA plus certifi's roots, so pointing SSL_CERT_FILE at it breaks no ot
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -48,6 +53,8 @@ import aiohttp
 import certifi
 import trustme
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from PIL import Image
 
 __all__ = ["Call", "FalStub", "ModelBehaviour", "StubRequest", "WebhookAttempt"]
@@ -67,9 +74,7 @@ class ModelBehaviour:
     # ...or after this many seconds in each stage (None: only polls move it on).
     queue_seconds: float | None = 0.5
     progress_seconds: float | None = 1.0
-    logs: list[str] = field(
-        default_factory=lambda: ["Loading model", "Step 1/2: denoising", "Step 2/2: decoding"]
-    )
+    logs: list[str] = field(default_factory=lambda: ["Loading model", "Step 1/2: denoising", "Step 2/2: decoding"])
     # Result.
     images: int = 1
     width: int = 64
@@ -79,9 +84,7 @@ class ModelBehaviour:
     fail: bool = False
     fail_status: int = 422
     fail_detail: str | list[dict[str, Any]] = field(
-        default_factory=lambda: [
-            {"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}
-        ]
+        default_factory=lambda: [{"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}]
     )
     fail_error_type: str | None = None
     # Transient HTTP errors: the first `http_errors` calls to `http_error_endpoints` for this
@@ -172,6 +175,10 @@ class FalStub:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._png_cache: dict[tuple[str, int, int, int], bytes] = {}
+        # Webhook signing, as fal does it (ED25519, public key published as JWKS).
+        self.sign_webhooks = True
+        self.user_id = "stub-user"
+        self._signing_key = Ed25519PrivateKey.generate()
 
     # --- configuration and inspection (thread-safe) -------------------------------------------
 
@@ -182,6 +189,26 @@ class FalStub:
     @property
     def base_url(self) -> str:
         return f"https://{self.host}"
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.base_url}/.well-known/jwks.json"
+
+    def jwks(self) -> dict[str, Any]:
+        raw = self._signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        x = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "stub-1", "use": "sig"}]}
+
+    def sign(self, request_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        """fal's webhook signature headers for `body`."""
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        message = "\n".join([request_id, self.user_id, ts, hashlib.sha256(body).hexdigest()])
+        return {
+            "X-Fal-Webhook-Request-Id": request_id,
+            "X-Fal-Webhook-User-Id": self.user_id,
+            "X-Fal-Webhook-Timestamp": ts,
+            "X-Fal-Webhook-Signature": self._signing_key.sign(message.encode()).hex(),
+        }
 
     def env(self) -> dict[str, str]:
         """Variables that make fal_client (and httpx, aiohttp, urllib) in another process
@@ -212,9 +239,7 @@ class FalStub:
     def calls_to(self, endpoint: str, request_id: str | None = None) -> list[Call]:
         with self._lock:
             return [
-                c
-                for c in self.calls
-                if c.endpoint == endpoint and (request_id is None or c.request_id == request_id)
+                c for c in self.calls if c.endpoint == endpoint and (request_id is None or c.request_id == request_id)
             ]
 
     def webhooks_for(self, request_id: str) -> list[WebhookAttempt]:
@@ -300,6 +325,7 @@ class FalStub:
     async def _astart(self) -> None:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("GET", "/files/{request_id}/{name}", self._file)
+        app.router.add_route("GET", "/.well-known/jwks.json", self._jwks)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._server_cert.configure_cert(server_ctx)
@@ -331,9 +357,7 @@ class FalStub:
 
     # --- protocol ----------------------------------------------------------------------------
 
-    def _record(
-        self, request: web.Request, endpoint: str, status: int, request_id: str | None = None
-    ) -> None:
+    def _record(self, request: web.Request, endpoint: str, status: int, request_id: str | None = None) -> None:
         call = Call(
             endpoint=endpoint,
             method=request.method,
@@ -563,9 +587,7 @@ class FalStub:
 
     def _result(self, request: web.Request, req: StubRequest) -> web.Response:
         if not req.done:
-            return self._reply(
-                request, "result", 400, {"detail": "Request is still in progress"}, req.request_id
-            )
+            return self._reply(request, "result", 400, {"detail": "Request is still in progress"}, req.request_id)
         if req.cancelled:
             body = {"detail": "Request was cancelled", "error_type": "client_cancelled"}
             return self._reply(request, "result", 400, body, req.request_id)
@@ -616,9 +638,7 @@ class FalStub:
         }
         b = req.behaviour
         if req.cancelled:
-            body.update(
-                status="ERROR", error="Request was cancelled", payload={"detail": "Request was cancelled"}
-            )
+            body.update(status="ERROR", error="Request was cancelled", payload={"detail": "Request was cancelled"})
         elif b.fail:
             body.update(
                 status="ERROR",
@@ -641,18 +661,21 @@ class FalStub:
     async def _deliver(self, req: StubRequest) -> None:
         assert self._session is not None and req.webhook_url is not None
         body = self.webhook_body(req)
+        raw = json.dumps(body).encode()
         b = req.behaviour
         for attempt in range(max(b.webhook_attempts, 1)):
             if attempt:
                 await asyncio.sleep(b.webhook_retry_delay)
             status: int | None = None
             error: str | None = None
+            headers = {"Content-Type": "application/json"}
+            if self.sign_webhooks:
+                headers.update(self.sign(req.request_id, raw))
+            else:
+                headers["X-Fal-Webhook-Request-Id"] = req.request_id
             try:
                 async with self._session.post(
-                    req.webhook_url,
-                    json=body,
-                    headers={"X-Fal-Webhook-Request-Id": req.request_id},
-                    allow_redirects=False,
+                    req.webhook_url, data=raw, headers=headers, allow_redirects=False
                 ) as resp:
                     status = resp.status
                     await resp.read()
@@ -679,6 +702,10 @@ class FalStub:
             Image.new("RGB", (width, height), colour).save(buf, format="PNG")
             cached = self._png_cache[key] = buf.getvalue()
         return cached
+
+    async def _jwks(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, "jwks", 200)
+        return web.json_response(self.jwks())
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         request_id = request.match_info["request_id"]

@@ -136,9 +136,7 @@ def test_expected_panels(dashboard: dict[str, Any]) -> None:
 
 def test_every_contract_metric_is_queried(dashboard: dict[str, Any]) -> None:
     exprs = "\n".join(_exprs(dashboard))
-    missing = [
-        name for name in CONTRACT_METRICS if not re.search(rf"\b{name}(_bucket|_count|_sum)?\b", exprs)
-    ]
+    missing = [name for name in CONTRACT_METRICS if not re.search(rf"\b{name}(_bucket|_count|_sum)?\b", exprs)]
     assert not missing, f"metrics no panel uses: {missing}"
 
 
@@ -187,9 +185,7 @@ def test_queries_parse_with_promtool(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool (Debian package prometheus) is not installed")
-    rules = [
-        {"record": f"dashboard:query{i}", "expr": e} for i, (_, e) in enumerate(load_dashboard().queries())
-    ]
+    rules = [{"record": f"dashboard:query{i}", "expr": e} for i, (_, e) in enumerate(load_dashboard().queries())]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run(

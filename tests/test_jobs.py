@@ -26,7 +26,7 @@ async def test_lora_job_trains_an_adapter_whose_loss_falls(api: Api, http: aioht
     assert job["input"] == {"name": "fox", "steps": 300, "rank": 4, "learningRate": 0.01, "seed": 0}
     assert len(job["jobId"]) >= 16
 
-    done = await api.wait(job["jobId"])
+    done = await api.wait(job["jobId"], timeout_s=180)
     assert done["status"] == "completed", done
     assert done["progress"] == 100.0
     assert done["result"]["steps"] == 300

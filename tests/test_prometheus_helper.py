@@ -92,9 +92,7 @@ class Cluster:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.jobs = Counter(
-            "orchestrator_jobs", "jobs entering each status", ["queue", "type", "status"], registry=r
-        )
+        self.jobs = Counter("orchestrator_jobs", "jobs entering each status", ["queue", "type", "status"], registry=r)
         self.duration = Histogram(
             "orchestrator_job_duration_seconds",
             "run time",
@@ -155,9 +153,7 @@ def _api_exporter(cluster: Cluster, ws_clients: int) -> Api:
         exp,
         Counter("orchestrator_websocket_messages", "ws messages", registry=r),
         Histogram("orchestrator_event_delivery_lag_seconds", "lag", ["channel"], registry=r),
-        Histogram(
-            "orchestrator_http_request_duration_seconds", "http", ["method", "route", "status"], registry=r
-        ),
+        Histogram("orchestrator_http_request_duration_seconds", "http", ["method", "route", "status"], registry=r),
         Counter("orchestrator_webhook_deliveries", "webhook attempts", ["outcome"], registry=r),
     )
 

@@ -1,0 +1,182 @@
+"""`POST /api/providers/fal/webhook/{jobId}?token=…`: fal's callback when a request ends.
+
+No API key: the caller proves itself with the per-job token that only our submit put into the
+URL (an HMAC of the job id, checked in constant time), and, with ORCH_FAL_VERIFY_WEBHOOKS=1,
+with fal's own ED25519 signature (`X-Fal-Webhook-*` headers, keys from fal's JWKS).
+
+The outcome goes through `fal_tasks.settle`, like the poller's: a repeated or late delivery
+answers 200 and changes nothing, so fal stops retrying it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import httpx
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator import jobs
+from orchestrator.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized, Unavailable
+from orchestrator.routes import Route
+from orchestrator.web import core, json_response
+from queues.providers import fal_tasks as ft
+from queues.providers.fal_api import AsyncFalAPI, FalError, parse_webhook
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 10 * 1024 * 1024
+"""fal's payload carries the model's whole output, which can outgrow the API's usual limit."""
+SIGNATURE_TOLERANCE_S = 300
+JWKS_TTL_S = 24 * 3600
+
+
+class FalWebhookBody(BaseModel):
+    """fal's callback body (documentation; parsing is `fal_api.parse_webhook`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str
+    gateway_request_id: str | None = None
+    status: Literal["OK", "ERROR"]
+    payload: dict[str, Any] | None = None
+    error: str | None = None
+    payload_error: str | None = None
+
+
+class FalWebhookQuery(BaseModel):
+    token: str = Field(description="The per-job secret from the callback URL")
+
+
+class FalWebhookAck(BaseModel):
+    ok: bool
+    jobId: str
+    outcome: Literal["completed", "failed", "ignored"]
+    reason: str | None = None
+
+
+async def fal_webhook(request: web.Request) -> web.Response:
+    c = core(request)
+    fs = ft.fal_settings()
+    job_id = request.match_info["job_id"]
+    if not ft.token_ok(c.settings.signing_key, job_id, request.query.get("token", "")):
+        raise Unauthorized("invalid webhook token")
+    raw = await _read_body(request)
+    if fs.verify_webhooks and not verify_signature(request.headers, raw, await jwks_keys(fs.jwks_url)):
+        raise Unauthorized("invalid fal webhook signature")
+    try:
+        hook = parse_webhook(orjson.loads(raw))
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        raise BadRequest(f"not a fal webhook body: {exc}") from exc
+    job = await jobs.get_job(c.db, job_id, None)
+    task = c.registry.get(job.type)
+    if task is None or task.extra.get("provider") != ft.PROVIDER:
+        raise NotFound("job not found")
+    model = str(job.input.get("model", ""))
+    outcome: dict[str, Any] | FalError | None = hook.outcome
+    if outcome is None:  # fal could not serialise the output: fetch it
+        api = AsyncFalAPI(key=c.settings.fal_key or None)
+        try:
+            outcome = await api.result(model, hook.request_id)
+        except FalError as exc:
+            if exc.retryable:
+                raise Unavailable(f"fetching the result from fal failed: {exc.message}") from exc
+            outcome = exc
+        finally:
+            await api.aclose()
+    finisher = ft.Finisher(c.lifecycle, c.artifacts, c.aredis, fs)
+    done = await ft.settle(finisher, job_id, hook.request_id, model, outcome, "webhook")
+    if done.outcome == "busy":
+        raise Unavailable(done.reason)
+    return json_response({"ok": True, "jobId": job_id, "outcome": done.outcome, "reason": done.reason or None})
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"request body over {MAX_BODY_BYTES} bytes")
+    return raw
+
+
+# --- fal's signature -------------------------------------------------------------------------
+
+
+def verify_signature(
+    headers: Mapping[str, str], body: bytes, public_keys: list[bytes], now: float | None = None
+) -> bool:
+    """fal's webhook signature: hex ED25519 over
+    `{X-Fal-Webhook-Request-Id}\\n{…-User-Id}\\n{…-Timestamp}\\n{sha256 hex of the raw body}`,
+    valid under any key of fal's JWKS, with the timestamp within 5 minutes."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    request_id = headers.get("X-Fal-Webhook-Request-Id", "")
+    user_id = headers.get("X-Fal-Webhook-User-Id", "")
+    timestamp = headers.get("X-Fal-Webhook-Timestamp", "")
+    signature_hex = headers.get("X-Fal-Webhook-Signature", "")
+    if not (request_id and user_id and timestamp.isdigit() and signature_hex):
+        return False
+    if abs((time.time() if now is None else now) - int(timestamp)) > SIGNATURE_TOLERANCE_S:
+        return False
+    try:
+        signature = bytes.fromhex(signature_hex)
+    except ValueError:
+        return False
+    message = "\n".join([request_id, user_id, timestamp, hashlib.sha256(body).hexdigest()]).encode()
+    for key in public_keys:
+        try:
+            Ed25519PublicKey.from_public_bytes(key).verify(signature, message)
+            return True
+        except (InvalidSignature, ValueError):
+            continue
+    return False
+
+
+_jwks_cache: dict[str, tuple[float, list[bytes]]] = {}
+
+
+async def jwks_keys(url: str) -> list[bytes]:
+    """fal's Ed25519 public keys (raw bytes), cached for a day; 503 when they cannot be had."""
+    cached = _jwks_cache.get(url)
+    if cached and time.monotonic() - cached[0] < JWKS_TTL_S:
+        return cached[1]
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            resp = await client.get(url)
+            resp.raise_for_status()
+            doc = resp.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        if cached:
+            return cached[1]
+        raise Unavailable(f"cannot fetch fal's webhook keys: {exc}") from exc
+    found = [
+        base64.urlsafe_b64decode(k["x"] + "=" * (-len(k["x"]) % 4))
+        for k in doc.get("keys", [])
+        if isinstance(k, dict) and k.get("kty") == "OKP" and k.get("crv") == "Ed25519" and "x" in k
+    ]
+    _jwks_cache[url] = (time.monotonic(), found)
+    return found
+
+
+ROUTES: list[Route] = [
+    Route(
+        "POST",
+        "/api/providers/fal/webhook/{job_id}",
+        fal_webhook,
+        "fal.ai callback for a fal.* job (authenticated by its per-job token, not an API key)",
+        FalWebhookAck,
+        200,
+        FalWebhookBody,
+        query=FalWebhookQuery,
+        auth="none",
+        tag="providers",
+    ),
+]
