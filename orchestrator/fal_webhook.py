@@ -115,8 +115,11 @@ def verify_signature(
     """fal's webhook signature: hex ED25519 over
     `{X-Fal-Webhook-Request-Id}\\n{…-User-Id}\\n{…-Timestamp}\\n{sha256 hex of the raw body}`,
     valid under any key of fal's JWKS, with the timestamp within 5 minutes."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    except ImportError as exc:  # a dev dependency (via trustme); production needs it installed
+        raise Unavailable("ORCH_FAL_VERIFY_WEBHOOKS=1 needs the 'cryptography' package") from exc
 
     request_id = headers.get("X-Fal-Webhook-Request-Id", "")
     user_id = headers.get("X-Fal-Webhook-User-Id", "")

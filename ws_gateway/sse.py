@@ -47,7 +47,10 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     )
     await resp.prepare(request)
     await resp.write(b"event: snapshot\ndata: " + orjson.dumps(job_resource(job)) + b"\n\n")
-    if job.status in FINAL and since >= job.seq:
+    if job.status in FINAL:
+        # nothing more will happen: send the stored history after `since` (if retention kept it) and end
+        for event in await request.app[HUB].fetch(job_id, since):
+            await resp.write(_frame(event, b""))
         return resp
 
     outbox: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue(OUTBOX_SIZE)
