@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mimetypes
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,7 +54,7 @@ async def artifact(request: web.Request) -> web.StreamResponse:
     path = core(request).artifacts.path(mi["job_id"], mi["token"], mi["name"])
     if path is None:
         return json_response({"error": {"code": "NOT_FOUND", "message": "artifact not found"}}, status=404)
-    ctype = "image/png" if path.suffix == ".png" else "application/octet-stream"
+    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return web.FileResponse(path, headers={"Content-Type": ctype, "Cache-Control": "private, max-age=86400"})
 
 

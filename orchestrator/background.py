@@ -10,6 +10,7 @@ import logging
 from orchestrator.core import Core
 from orchestrator.sweeper import Sweeper
 from orchestrator.webhooks import Sender
+from queues.providers import fal_poll
 
 log = logging.getLogger(__name__)
 
@@ -34,4 +35,5 @@ def start_background(core: Core) -> list[asyncio.Task[None]]:
         asyncio.create_task(Sweeper(core).run(), name="sweeper"),
         asyncio.create_task(Sender(core).run(), name="webhook-sender"),
         asyncio.create_task(promote_delayed(core), name="delayed-attempts"),
+        *fal_poll.background_tasks(core),
     ]

@@ -346,6 +346,13 @@ class Lifecycle:
         await self.dispatcher.astop(job.id, job.attempts if job.started_at else job.attempts + 1)
         if job.started_at is not None:
             await self.dispatcher.astop(job.id, job.attempts + 1)
+        task = self.registry.get(job.type)
+        hook = task.extra.get("on_cancel") if task is not None else None
+        if hook is not None and job.provider_request_id:
+            try:
+                await hook(job)  # e.g. cancel the provider's request
+            except Exception as exc:
+                log.warning("provider cancel of %s failed: %s", job.id, exc)
         return job
 
     # ---- the one writer --------------------------------------------------------------------

@@ -92,7 +92,7 @@ def build() -> dict[str, Any]:
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
             }
         op["responses"] = responses
-        op["security"] = [{"bearer": []}]
+        op["security"] = [] if r.auth == "none" else [{"bearer": []}]
         paths.setdefault(path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -144,6 +144,14 @@ class Console:
             )
         )
 
+    async def screenshot(self, name: str, job_id: str | None = None) -> None:
+        await self.page.evaluate("() => { document.querySelector('#toast').hidden = true; }")
+        await self.page.wait_for_timeout(150)  # let the last frame paint
+        if job_id:
+            await self.card(job_id).screenshot(path=str(DOCS / name))
+        else:
+            await self.page.screenshot(path=str(DOCS / name), full_page=True)
+
     async def conn_state(self) -> str:
         return str(await self.page.get_attribute("#conn", "data-state"))
 
@@ -166,8 +174,8 @@ async def test_train_and_generate_live(stack: Any, browser: Browser) -> None:
     assert await page.get_attribute("#f-steps", "max") == "100000"
     assert await page.get_attribute("#f-rank", "min") == "1"
 
-    lora = await con.submit("train", "lora", {"name": "console-adapter", "steps": "2000", "learningRate": "0.001"})
     image = await con.submit("generate", "image", {"prompt": "a red fox in the snow, watercolor"})
+    lora = await con.submit("train", "lora", {"name": "console-adapter", "steps": "2000", "learningRate": "0.001"})
     await con.wait_credits(1000 - 10 - 2)
 
     # the image appears when its job completes
@@ -188,8 +196,7 @@ async def test_train_and_generate_live(stack: Any, browser: Browser) -> None:
     assert await con.chart_points(lora) > 1
     assert await con.conn_state() == "open"
     assert await page.inner_text("#conn .label") == "live"
-    await page.wait_for_timeout(150)  # let the frame paint
-    await page.screenshot(path=str(DOCS / "console-live.png"))
+    await con.screenshot("console-live.png")
 
     await con.wait_status(lora, "completed", 180_000)
     assert await con.progress(lora) == 100
@@ -208,6 +215,7 @@ async def test_train_and_generate_live(stack: Any, browser: Browser) -> None:
     assert len(con.sockets) >= 1 and con.max_open == 1
     await page.wait_for_function("() => document.querySelector('#conn').dataset.state === 'idle'")
     await con.wait_credits(988)
+    await con.screenshot("console-completed.png")
     assert not con.errors
 
 
@@ -242,6 +250,7 @@ async def test_cancel_and_reconnect(stack: Any, browser: Browser) -> None:
     page = con.page
     await con.open()
     job = await con.submit("generate", "sleep", {"seconds": "30", "ticks": "60"})
+    assert "fails" not in await con.card(job).locator(".job-title").inner_text()  # the unticked box is false
     await con.wait_status(job, "running", 15_000)
     await con.wait_progress(job, 2)
 
@@ -265,8 +274,7 @@ async def test_cancel_and_reconnect(stack: Any, browser: Browser) -> None:
     assert await con.card(job).locator(".badge").inner_text() == "Cancelled"
     assert "CANCELLED" in await con.card(job).locator(".job-error").inner_text()
     await con.wait_credits(1000)  # refunded
-    await page.wait_for_timeout(150)
-    await page.screenshot(path=str(DOCS / "console-cancelled.png"))
+    await con.screenshot("console-cancelled.png", job)
     assert not con.errors
 
 

@@ -189,6 +189,7 @@ function buildField(name, prop, required) {
   } else if (type === "boolean") {
     input = el("input", { id, name, type: "checkbox", class: "switch" });
     input.checked = !!prop.default;
+    input.dataset.kind = "boolean";
     return el(
       "div",
       { class: "field field-check", "data-field": name },

@@ -56,8 +56,9 @@ async def test_queued_row_missing_from_redis_is_enqueued_by_the_sweeper(stack: S
     assert logs and logs[0]["actor"] == "sweeper" and "re-enqueued" in logs[0]["message"]
 
 
-async def test_retention_drops_history_and_artifacts_but_keeps_job_and_ledger(stack: Stack,
-                                                                              http: aiohttp.ClientSession):
+async def test_retention_drops_history_and_artifacts_but_keeps_job_and_ledger(
+    stack: Stack, http: aiohttp.ClientSession
+):
     if not stack.workers:
         stack.start_worker()
     api = Api(http, stack.url, (await stack.user(credits=100)).api_key)

@@ -65,8 +65,7 @@ async def test_job_past_its_timeout_is_stopped_and_refunded_once(stack: Stack, h
     assert (await api.wait(quick["jobId"], timeout_s=30))["status"] == "completed"
 
 
-async def test_retryable_errors_are_retried_with_each_attempt_in_the_history(stack: Stack,
-                                                                           http: aiohttp.ClientSession):
+async def test_retryable_errors_are_retried_with_each_attempt_in_the_history(stack: Stack, http: aiohttp.ClientSession):
     api = Api(http, stack.url, (await stack.user(credits=100)).api_key)
     ok = await api.submit("generate", {"failAttempts": 2}, type="flaky")
     done = await api.wait(ok["jobId"], timeout_s=60)
