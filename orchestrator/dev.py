@@ -90,7 +90,7 @@ def run_dev(settings: Settings, workers: int) -> int:
         if not stopping:
             print(
                 f"\norchestrator is running\n"
-                f"  console   {url}/\n"
+                f"  console   {url}/#key={key}\n"
                 f"  API       {url}/api  (OpenAPI: {url}/api/openapi.json)\n"
                 f"  metrics   {url}/metrics\n"
                 f"  redis     {env['REDIS_URL'] if 'REDIS_URL' in env else settings.redis}\n"
