@@ -4,9 +4,9 @@ against a real stack (Redis, API, 2 workers)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,7 +83,7 @@ class Sockets:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    if not Path(CHROMIUM).exists():
+    if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     async with async_playwright() as p:
         b = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -323,7 +323,7 @@ async def test_forced_polling_transport(stack: Any, browser: Browser) -> None:
 
 
 async def test_falls_back_to_polling_when_sockets_are_blocked(stack: Any, browser: Browser) -> None:
-    page, sockets, errors = await open_page(browser, stack)
+    page, _sockets, errors = await open_page(browser, stack)
     got = await page.evaluate(
         """async () => {
           // every socket goes to a closed port: connection refused, as behind a proxy without upgrades
@@ -349,37 +349,50 @@ async def test_falls_back_to_polling_when_sockets_are_blocked(stack: Any, browse
     assert not errors
 
 
-async def test_sse_fallback_with_only_a_subscribe_token(stack: Any, browser: Browser) -> None:
-    """A browser holding no API key (the Next.js setup): it follows jobs with a subscribe token
-    from its own backend; forced off the socket, it reads the SSE stream."""
-    page, sockets, errors = await open_page(browser, stack)
+async def test_browser_without_api_key(stack: Any, browser: Browser) -> None:
+    """A browser holding no API key (the Next.js setup): it follows jobs with subscribe tokens from
+    its own backend, scoped to the socket's jobs; forced off the socket, it reads the SSE stream."""
+    page, _sockets, errors = await open_page(browser, stack)
     got = await page.evaluate(
         """async () => {
-          const job = await sleepJob({ seconds: 1, ticks: 5 });
-          const mint = async () => (await client.createToken({ jobIds: [job.jobId], ttlSeconds: 60 })).token;
-          const viaSocket = M.createClient({ subscribeToken: mint });
+          const a = await sleepJob({ seconds: 2, ticks: 8 });
+          const b = await sleepJob({ seconds: 1, ticks: 4 });
+          const scopes = [];
+          // stands in for the app's backend route, which holds the API key
+          const mint = async ({ jobIds }) => {
+            scopes.push(jobIds);
+            return client.createToken({ jobIds, ttlSeconds: 60 });
+          };
+          const viaSocket = M.createClient({ subscribeToken: mint, backoff: { initialMs: 50, maxMs: 200 } });
           const viaSse = M.createClient({ subscribeToken: mint, transport: 'poll' });
-          const f1 = follow(viaSocket, job.jobId);
-          const f2 = follow(viaSse, job.jobId);
+          const fa = follow(viaSocket, a.jobId);
+          await until(() => fa.msgs.length > 0, 15000, 'a subscribed');
+          const fb = follow(viaSocket, b.jobId);  // not in the first token: one reconnect, then live
+          const fs = follow(viaSse, a.jobId);
           const transport = viaSse.transport;
-          await withTimeout(Promise.all([f1.done, f2.done]), 30000, 'final events');
-          f1.stop(); f2.stop();
+          await withTimeout(Promise.all([fa.done, fb.done, fs.done]), 30000, 'final events');
+          fa.stop(); fb.stop(); fs.stop();
           let denied = null;
           try { await viaSse.submit('generate', { seconds: 0 }, { type: 'sleep' }); } catch (e) { denied = e.code; }
-          return { m1: f1.msgs, m2: f2.msgs, transport, denied };
+          return { fa: fa.msgs, fb: fb.msgs, fs: fs.msgs, transport, denied, scopes,
+                   sockets: viaSocket._debug.stats.socketsCreated };
         }"""
     )
     assert got["transport"] == "sse"
     assert got["denied"] == "NO_API_KEY"
-    s1 = assert_in_order(got["m1"])
-    s2 = assert_in_order(got["m2"])
-    assert s1 == s2
-    assert got["m1"][0]["type"] == got["m2"][0]["type"] == "subscribed"
+    sa = assert_in_order(got["fa"])
+    assert_in_order(got["fb"])
+    assert assert_in_order(got["fs"]) == sa
+    assert got["fa"][0]["type"] == got["fb"][0]["type"] == got["fs"][0]["type"] == "subscribed"
+    assert all(m["type"] != "error" for m in got["fa"] + got["fb"] + got["fs"])
+    a_id, b_id = got["fa"][0]["jobId"], got["fb"][0]["jobId"]
+    assert [a_id] in got["scopes"] and sorted([a_id, b_id]) in [sorted(s) for s in got["scopes"]]
+    assert got["sockets"] == 2
     assert not errors
 
 
 async def test_unknown_job_and_wait(stack: Any, browser: Browser) -> None:
-    page, sockets, errors = await open_page(browser, stack)
+    page, _sockets, errors = await open_page(browser, stack)
     got = await page.evaluate(
         """async () => {
           const f = follow(client, 'no-such-job-000000000000');

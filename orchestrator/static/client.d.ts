@@ -91,9 +91,13 @@ export interface ClientOptions {
   /**
    * Where the socket's subscribe token comes from. Default: POST /api/tokens with `token`.
    * Give a function calling your own backend to keep the API key off the browser; it may return
-   * the token string or the `{token, expiresAt}` answer of POST /api/tokens.
+   * the token string or the `{token, expiresAt}` answer of POST /api/tokens. It is called for
+   * every connect with the ids of the jobs the socket will carry, so the token can be scoped to
+   * them (`jobIds`); a job subscribed later on the same socket triggers one reconnect with a new token.
    */
-  subscribeToken?: Secret | (() => Promise<{ token: string; expiresAt?: string }>);
+  subscribeToken?:
+    | string
+    | ((scope: { jobIds: string[] }) => string | null | undefined | Promise<string | { token: string; expiresAt?: string } | null | undefined>);
   /**
    * "auto" (default): WebSocket, falling back to polling after `maxSocketFailures` sockets that
    * never opened; "websocket": never fall back; "poll": no socket at all. Polling long-polls

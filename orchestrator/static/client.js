@@ -76,8 +76,8 @@ const sleep = (ms, signal) =>
     if (signal) signal.addEventListener("abort", done, { once: true });
   });
 
-async function resolveValue(v) {
-  const got = typeof v === "function" ? await v() : await v;
+async function resolveValue(v, arg) {
+  const got = typeof v === "function" ? await v(arg) : await v;
   if (got && typeof got === "object" && typeof got.token === "string") return got.token;
   return got;
 }
@@ -323,6 +323,12 @@ export function createClient(options = {}) {
         return;
       case "error":
         if (entry) {
+          if (msg.code === "NOT_FOUND" && opts.subscribeToken !== undefined && !entry.rescoped) {
+            // a token scoped to the jobs of the last connect: reconnect once with one covering this job
+            entry.rescoped = true;
+            if (ws) ws.close(4001, "subscribe token scope");
+            return;
+          }
           if (msg.code === "NOT_FOUND") entry.notFound = true;
           deliverError(entry, msg.code, msg.message);
         }
@@ -332,10 +338,10 @@ export function createClient(options = {}) {
     }
   }
 
-  async function subscribeToken() {
+  async function subscribeToken(jobIds) {
     stats.tokensFetched++;
     if (opts.subscribeToken !== undefined) {
-      const t = await resolveValue(opts.subscribeToken);
+      const t = await resolveValue(opts.subscribeToken, { jobIds });
       if (!t) throw new OrchestratorError(0, "NO_TOKEN", "subscribeToken() returned nothing");
       return t;
     }
@@ -368,7 +374,7 @@ export function createClient(options = {}) {
     setState(attempt === 0 ? "connecting" : "reconnecting");
     let token;
     try {
-      token = await subscribeToken();
+      token = await subscribeToken([...jobs.keys()]);
     } catch (err) {
       connecting = false;
       if (gen !== generation) return;
@@ -557,8 +563,8 @@ export function createClient(options = {}) {
       }
       let token;
       try {
-        token = await subscribeToken();
-      } catch (err) {
+        token = await subscribeToken([entry.jobId]);
+      } catch {
         errors++;
         await sleep(Math.min(backoffCfg.maxMs, backoffCfg.initialMs * 2 ** Math.min(errors, 16)), signal);
         continue;
