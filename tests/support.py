@@ -20,7 +20,7 @@ import httpx
 
 from orchestrator import accounts
 from orchestrator.db import Database
-from orchestrator.redis_server import RedisServer, free_port
+from orchestrator.redis_server import RedisServer, die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = {"completed", "failed", "cancelled", "timed_out"}
@@ -170,6 +170,7 @@ class Stack:
         env = self.env | {"ORCH_PORT": str(port)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "serve"],
+            preexec_fn=die_with_parent,
             env=env,
             cwd=self.root,
             stdout=self._log(f"api-{port}.log"),
@@ -194,6 +195,7 @@ class Stack:
     def start_worker(self, queues: str = "train,generate") -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "worker", "--queues", queues],
+            preexec_fn=die_with_parent,
             env=self.env,
             cwd=self.root,
             stdout=self._log(f"worker-{len(self.workers)}.log"),

@@ -4,23 +4,10 @@ against a real stack (Redis, API, 2 workers)."""
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
-from playwright.async_api import Browser, Page, WebSocket, async_playwright
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from playwright.async_api import Browser, Page, WebSocket
 
 # Loaded once per page: the module under test plus small helpers, every wait bounded.
 HARNESS = """
@@ -79,18 +66,6 @@ class Sockets:
     @property
     def open_count(self) -> int:
         return len(self.opened) - len(self.closed)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 async def open_page(browser: Browser, stack: Any, credits: int = 1000) -> tuple[Page, Sockets, list[str]]:
