@@ -51,6 +51,7 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bo
         if q not in QUEUES:
             raise SystemExit(f"unknown queue {q!r}; known: {', '.join(QUEUES)}")
     asyncio.run(_ensure_schema(settings))
+    _preload(settings)
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
@@ -67,6 +68,15 @@ def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bo
     worker.lost_after_s = lost_after
     log.info("worker %s on queues %s", worker.name, ",".join(queues))
     return bool(worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level))
+
+
+def _preload(settings: Settings) -> None:
+    """Import what every job needs (the runner, the core, numpy, Pillow, the task modules) once in
+    the worker, so each forked work horse starts with them loaded instead of importing them."""
+    import queues.runner  # noqa: F401
+    from queues.registry import build_registry
+
+    build_registry(settings)
 
 
 async def _ensure_schema(settings: Settings) -> None:
