@@ -22,9 +22,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from rq.exceptions import NoSuchJobError
-from rq.job import Job as RQJob
-from rq.job import JobStatus
 from sqlalchemy import delete, select
 from sqlmodel import col
 
@@ -128,17 +125,15 @@ class Sweeper:
         redis = self.core.redis
         if job.worker_name and not redis.exists(keys.worker_heartbeat(job.worker_name)):
             return f"worker {job.worker_name} stopped heartbeating"
-        try:
-            status = RQJob.fetch(rq_job_id(job.id, job.attempts), connection=redis).get_status()
-        except NoSuchJobError:
-            status = None
-        if status in (JobStatus.STARTED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        rq_id = rq_job_id(job.id, job.attempts)
+        if self.core.dispatcher.worker_running(job.worker_name, rq_id):
             return None
-        # the attempt ended in RQ but the job row was never finished: give the runner's last
-        # write a moment (it commits before the work horse exits), then call it lost
+        # the worker lives but runs something else (its work horse died, or the attempt ended
+        # without a result): give the runner's last write a moment, then call the attempt lost
         if job.updated_at > time.time() - self.core.settings.requeue_after_s:
             return None
-        return f"attempt {job.attempts} ended without a result (RQ: {status or 'gone'})"
+        status, _ = self.core.dispatcher.attempt_state(job.id, job.attempts)
+        return f"attempt {job.attempts} is no longer running (RQ: {status or 'gone'})"
 
     # ---- queued jobs -----------------------------------------------------------------------
 

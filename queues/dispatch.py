@@ -82,19 +82,28 @@ class Dispatcher:
         return [m for m in members if m.split("|", 1)[0] == job_id]
 
     def is_enqueued(self, job_id: str, attempt: int) -> bool:
-        """True when RQ holds the attempt (queued, scheduled, deferred or running)."""
+        """True when the attempt waits (delayed, queued) or a live worker is running it."""
         if any(int(m.rsplit("|", 3)[2]) == attempt for m in self._delayed(job_id)):
             return True
+        status, worker = self.attempt_state(job_id, attempt)
+        if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+            return True
+        return status == JobStatus.STARTED and self.worker_running(worker, rq_job_id(job_id, attempt))
+
+    def attempt_state(self, job_id: str, attempt: int) -> tuple[JobStatus | None, str | None]:
+        """RQ's status of the attempt and the worker that took it (None, None when RQ lacks it)."""
         try:
             job = RQJob.fetch(rq_job_id(job_id, attempt), connection=self.redis)
         except NoSuchJobError:
+            return None, None
+        return job.get_status(), job.worker_name
+
+    def worker_running(self, worker_name: str | None, rq_id: str) -> bool:
+        """Whether that worker is alive and says it runs `rq_id` (see queues.worker)."""
+        if not worker_name:
             return False
-        return job.get_status() in (
-            JobStatus.QUEUED,
-            JobStatus.SCHEDULED,
-            JobStatus.STARTED,
-            JobStatus.DEFERRED,
-        )
+        value = self.redis.get(keys.worker_heartbeat(worker_name))
+        return value is not None and (value.decode() if isinstance(value, bytes) else str(value)) == rq_id
 
     def stop(self, job_id: str, attempt: int) -> None:
         """Stop an attempt: drop it from its queue, or kill its work horse if it runs."""

@@ -29,11 +29,17 @@ def worker_name() -> str:
 
 
 class OrchestratorWorker(Worker):
+    """An RQ worker whose heartbeat key names the attempt it runs ("idle" between jobs), so the
+    sweeper can tell a live worker from a dead one and a running attempt from a vanished one."""
+
     lost_after_s: float = 60.0
+    running_rq_id: str = ""
 
     def orch_heartbeat(self) -> None:
         try:
-            self.connection.set(keys.worker_heartbeat(self.name), os.getpid(), ex=max(1, int(self.lost_after_s)))
+            self.connection.set(
+                keys.worker_heartbeat(self.name), self.running_rq_id or "idle", ex=max(1, int(self.lost_after_s))
+            )
         except Exception as exc:  # Redis away: RQ will notice too
             log.warning("heartbeat failed: %s", exc)
 
@@ -42,8 +48,13 @@ class OrchestratorWorker(Worker):
         self.orch_heartbeat()
 
     def execute_job(self, job: Any, queue: Any) -> None:
+        self.running_rq_id = job.id
         self.orch_heartbeat()
-        super().execute_job(job, queue)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.running_rq_id = ""
+            self.orch_heartbeat()
 
 
 def run_worker(settings: Settings, queues: list[str], burst: bool = False) -> bool:

@@ -131,7 +131,13 @@ async def test_two_hundred_mixed_jobs_through_faults(stack: Stack, http: aiohttp
                 pending.discard(job_id)
         if pending:
             await asyncio.sleep(1)
-    assert not pending, f"{len(pending)} jobs not final"
+    if pending:
+        stuck = []
+        for job_id in pending:
+            _, job = await client.call("GET", f"/api/jobs/{job_id}")
+            _, events = await client.call("GET", f"/api/jobs/{job_id}/events")
+            stuck.append({"job": job, "events": events["events"]})
+        raise AssertionError(f"{len(pending)} jobs not final: {json.dumps(stuck, indent=1)}")
 
     db = stack.db()
     try:
