@@ -13,8 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+"""A file name: no path separators, no leading dot (so never `.` or `..`)."""
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+"""A job id or token (URL-safe base64: may start with `-` or `_`)."""
 
 
 class ArtifactStore:
@@ -37,11 +39,11 @@ class ArtifactStore:
         }
 
     def path(self, job_id: str, token: str, filename: str) -> Path | None:
-        if not (SAFE_NAME.match(job_id) and SAFE_TOKEN.match(token) and SAFE_NAME.match(filename)):
+        if not (SAFE_ID.match(job_id) and SAFE_ID.match(token) and SAFE_NAME.match(filename)):
             return None
         p = self.root / job_id / token / filename
         return p if p.is_file() else None
 
     def remove_job(self, job_id: str) -> None:
-        if SAFE_NAME.match(job_id):
+        if SAFE_ID.match(job_id):
             shutil.rmtree(self.root / job_id, ignore_errors=True)

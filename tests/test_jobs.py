@@ -177,3 +177,15 @@ async def test_forty_concurrent_submits_against_five_credits_create_five_jobs(
     assert me["credits"] == 0
     _, listing, _ = await api.call("GET", "/api/jobs", params={"limit": 100})
     assert len(listing["jobs"]) == 5
+
+
+def test_artifact_paths_accept_every_url_safe_id_and_refuse_traversal(tmp_path):
+    from orchestrator.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    for job_id in ("-starts-with-dash", "_underscore", "plainId"):
+        saved = store.save(job_id, "-adapter.safetensors", b"x", "application/octet-stream")
+        _, _, jid, token, name = saved["url"].split("/")
+        assert store.path(jid, token, name) is not None
+    for bad in (("..", "t" * 22, "x"), ("a", "..", "x"), ("a", "t" * 22, ".."), ("a/b", "t" * 22, "x")):
+        assert store.path(*bad) is None
