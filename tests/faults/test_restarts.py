@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import aiohttp
 from conftest import FAST
 from redis import Redis
@@ -78,7 +76,6 @@ async def test_retention_drops_history_and_artifacts_but_keeps_job_and_ledger(
     assert kept["status"] == "completed" and kept["seq"] == done["seq"]
     _, ledger, _ = await api.call("GET", "/api/me/ledger")
     assert any(e["jobId"] == job["jobId"] and e["reason"] == "charge" for e in ledger["entries"])
-    started = time.monotonic()
     async with http.get(f"{stack.url}/api/jobs/{job['jobId']}/stream", headers=api.headers()) as r:
         body = await r.text()
-    assert "event: snapshot" in body and time.monotonic() - started < 10
+    assert "event: snapshot" in body  # the stream of a finished job ends even without its history

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import aiohttp
 from conftest import FAST
 from helpers import check_invariants, kill_worker_hard
@@ -20,11 +18,9 @@ async def test_killed_worker_job_is_retried_then_completes(stack: Stack, http: a
     victim = stack.workers[0]
     kill_worker_hard(victim)
     stack.workers.remove(victim)
-    killed_at = time.monotonic()
     stack.start_worker()
     requeued = await api.wait(job["jobId"], until={"queued", "completed", "failed"}, timeout_s=30)
     assert requeued["status"] in ("queued", "running", "completed")
-    assert time.monotonic() - killed_at < 30
     done = await api.wait(job["jobId"], timeout_s=120)
     assert done["status"] == "completed", done
     assert done["attempts"] == 2
