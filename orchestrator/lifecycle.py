@@ -34,7 +34,7 @@ from orchestrator import idempotency
 from orchestrator.bus import EventBus, Transition
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, IllegalTransition, InsufficientCredits, NotFound, Unavailable
-from orchestrator.models import Job, JobEvent, LedgerEntry, User
+from orchestrator.models import Job, JobEvent, LedgerEntry, User, WebhookDelivery
 from orchestrator.views import FINAL, event_dict
 from orchestrator.webhook_queue import queue_delivery
 from queues.dispatch import Dispatcher
@@ -81,7 +81,6 @@ class Lifecycle:
         bus: EventBus,
         registry: Registry,
         dispatcher: Dispatcher,
-        eta_history: Callable[[str], float | None] | None = None,
     ) -> None:
         self.db = db
         self.bus = bus
@@ -187,8 +186,6 @@ class Lifecycle:
 
     async def _undo_create(self, job: Job, idempotency_key: str | None) -> None:
         """The enqueue failed: take the job back as if it was never submitted."""
-        from orchestrator.models import WebhookDelivery
-
         async with self.db.write() as s:
             await _move_credits(s, job.user_id, job.cost, allow_negative=True)
             await s.execute(delete(WebhookDelivery).where(col(WebhookDelivery.job_id) == job.id))
@@ -455,9 +452,11 @@ class Lifecycle:
     async def _queue_webhook(self, s: AsyncSession, job: Job, event: dict[str, Any]) -> None:
         if not job.webhook_url:
             return
-        wanted = job.webhook_events or list(DEFAULT_WEBHOOK_EVENTS)
-        kind_ok = event["type"] == "status" or (event["type"] == "progress" and "progress" in wanted)
-        if kind_ok and (event["status"] in wanted or (event["type"] == "progress" and "progress" in wanted)):
+        wanted = job.webhook_events or DEFAULT_WEBHOOK_EVENTS
+        # status events by their status; progress events when "progress" is asked for; never logs
+        if (event["type"] == "progress" and "progress" in wanted) or (
+            event["type"] == "status" and event["status"] in wanted
+        ):
             await queue_delivery(s, job, event)
 
     async def _eta(self, s: AsyncSession, job: Job, now: float) -> float | None:
