@@ -11,6 +11,10 @@ Status = Literal["queued", "running", "completed", "failed", "cancelled", "timed
 WebhookEvent = Literal["queued", "running", "progress", "completed", "failed", "cancelled", "timed_out"]
 
 
+MAX_SEQ = 2_147_483_647
+"""Event numbers, ledger ids and cursors fit the database's 32-bit integers."""
+
+
 class ApiModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
@@ -29,7 +33,7 @@ class TokenRequest(ApiModel):
 
 class ListQuery(ApiModel):
     status: Status | None = None
-    type: Annotated[str, Field(max_length=64)] | None = None
+    type: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     queue: Literal["train", "generate"] | None = None
     limit: Annotated[int, Field(ge=1, le=100)] = 20
     cursor: Annotated[str, Field(max_length=512)] | None = None
@@ -37,20 +41,20 @@ class ListQuery(ApiModel):
 
 class LedgerQuery(ApiModel):
     limit: Annotated[int, Field(ge=1, le=100)] = 20
-    cursor: Annotated[str, Field(pattern=r"^[0-9]{1,18}$")] | None = None
+    cursor: Annotated[str, Field(pattern=r"^[0-9]{1,9}$")] | None = None
 
 
 class EventsQuery(ApiModel):
-    after: Annotated[int, Field(ge=0)] = 0
+    after: Annotated[int, Field(ge=0, le=MAX_SEQ)] = 0
 
 
 class JobQuery(ApiModel):
     wait_seconds: Annotated[float, Field(ge=0, le=60)] | None = None
-    after_seq: Annotated[int, Field(ge=0)] | None = None
+    after_seq: Annotated[int, Field(ge=0, le=MAX_SEQ)] | None = None
 
 
 class StreamQuery(ApiModel):
-    since: Annotated[int, Field(ge=0)] | None = None
+    since: Annotated[int, Field(ge=0, le=MAX_SEQ)] | None = None
     token: Annotated[str, Field(max_length=4096)] | None = None
 
 

@@ -92,7 +92,12 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=settings.max_body_bytes,
+        # subscribe tokens travel in the query string: allow long request lines and headers
+        handler_args={"max_line_size": 65536, "max_field_size": 65536},
+    )
     app[SETTINGS] = settings
     app[OPENAPI] = openapi.build()
     app[SOCKETS] = set()

@@ -35,7 +35,7 @@ class Tokens:
         return TOKEN_PREFIX + self._s.dumps({"u": user_id, "j": job_ids, "e": exp}), exp
 
     def verify(self, token: str) -> tuple[str, frozenset[str] | None]:
-        if not token.startswith(TOKEN_PREFIX) or len(token) > 8192:
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 8192 or not token.isascii():
             raise Unauthorized("invalid subscribe token")
         try:
             data = self._s.loads(token[len(TOKEN_PREFIX) :])
@@ -51,7 +51,8 @@ def bearer(header: str | None) -> str | None:
     if not header:
         return None
     scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    value = value.strip()
+    return value if scheme.lower() == "bearer" and value and value.isascii() else None
 
 
 async def authenticate(

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlmodel import SQLModel
 
 from orchestrator import models
-from orchestrator.errors import Unavailable
+from orchestrator.errors import BadRequest, Unavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -105,5 +105,7 @@ async def guard() -> AsyncIterator[None]:
         yield
     except IntegrityError:
         raise
+    except DataError as exc:  # a value the database cannot hold: the request's fault, not an outage
+        raise BadRequest("a value in the request is out of range or not allowed") from exc
     except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
         raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc

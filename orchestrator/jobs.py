@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -13,10 +14,13 @@ from orchestrator.errors import BadRequest, NotFound
 from orchestrator.models import Job, JobEvent
 from orchestrator.views import event_dict
 
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a job id can look like; anything else is not found without asking the database."""
+
 
 async def get_job(db: Database, job_id: str, user_id: str | None) -> Job:
     """The job, or NotFound when it does not exist or belongs to someone else."""
-    if len(job_id) > 64:
+    if not JOB_ID.fullmatch(job_id):
         raise NotFound("job not found")
     async with db.read() as s:
         job = await s.get(Job, job_id)

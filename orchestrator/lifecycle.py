@@ -34,6 +34,7 @@ from orchestrator import idempotency
 from orchestrator.bus import EventBus, Transition
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, IllegalTransition, InsufficientCredits, NotFound, Unavailable
+from orchestrator.jobs import JOB_ID
 from orchestrator.models import Job, JobEvent, LedgerEntry, User, WebhookDelivery
 from orchestrator.views import FINAL, event_dict
 from orchestrator.webhook_queue import queue_delivery
@@ -359,6 +360,8 @@ class Lifecycle:
     ) -> Applied:
         """Apply one change. `attempt`, when given, must be the job's current attempt: a stale
         attempt (an orphaned work horse, a retried job) can no longer write."""
+        if not JOB_ID.fullmatch(job_id):
+            raise NotFound("job not found")
         now = time.time()
         transition: Transition | None = None
         async with self.db.write() as s:

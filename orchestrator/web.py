@@ -52,11 +52,11 @@ async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
     try:
-        raw = await request.content.read(limit + 1)
+        raw = await request.read()  # stops reading once the app's client_max_size is passed
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"request body over {limit} bytes") from exc
     except ValueError as exc:
         raise BadRequest("unreadable body") from exc
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"request body over {limit} bytes")
     if not raw.strip():
         raise BadRequest("request body must be a JSON object")
     try:

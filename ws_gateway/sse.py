@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -38,7 +39,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     since = q.since or 0
     last_id = request.headers.get("Last-Event-ID")
     if last_id:
-        if not last_id.isdigit() or len(last_id) > 12:
+        if not re.fullmatch(r"[0-9]{1,10}", last_id) or int(last_id) > m.MAX_SEQ:
             raise BadRequest("Last-Event-ID must be an event seq")
         since = int(last_id)
 

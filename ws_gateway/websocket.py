@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from metrics.realtime import WS_CLIENTS, WS_MESSAGES, event_time, observe_lag
 from orchestrator import jobs
+from orchestrator.api_models import MAX_SEQ
 from orchestrator.auth import Principal
 from orchestrator.errors import ApiError, NotFound
 from orchestrator.views import job_resource
@@ -20,6 +22,7 @@ from ws_gateway.hub import HUB, Hub
 from ws_gateway.limits import SocketSlots
 from ws_gateway.subscription import Subscription
 
+log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 16 * 1024
 OUTBOX_SIZE = 2048
 """Messages held for one socket; a consumer that falls this far behind is closed with 1013."""
@@ -111,7 +114,7 @@ class Connection:
         since = msg.get("since", 0)
         if since is None:
             since = 0
-        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= MAX_SEQ:
             self.error("BAD_REQUEST", "since must be a non-negative integer", job_id)
             return
         await self.subscribe(job_id, since)
@@ -139,6 +142,9 @@ class Connection:
             self.subs[job_id] = await self.hub.subscribe(job_id, since, self.sink_for(job_id))
         except ApiError as exc:
             self.error(exc.code, exc.message, job_id)
+        except Exception:  # never let one subscription take the socket down
+            log.exception("subscribe to %s failed", job_id)
+            self.error("INTERNAL", "subscription failed; try again", job_id)
 
     def close_all(self) -> None:
         for sub in self.subs.values():
