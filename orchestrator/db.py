@@ -12,6 +12,7 @@ process at start. The first change to an existing table must add Alembic with th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,6 +54,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self._write_lock: asyncio.Lock | None = None
         if self.is_sqlite:
             path = url.split("///", 1)[1] if "///" in url else ""
             if path and path != ":memory:":
@@ -78,10 +80,31 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction: committed on exit, rolled back on error."""
-        async with guard(), AsyncSession(self.writer, expire_on_commit=False) as session:
+        """A write transaction: committed on exit, rolled back on error.
+
+        On SQLite one process's writers take turns on an asyncio lock first: SQLite's busy
+        handler sleeps and is unfair, so letting pooled connections race for its lock made the
+        tail latency of submits seconds long under load."""
+        async with self._local_write_lock(), guard(), AsyncSession(self.writer, expire_on_commit=False) as session:
             async with session.begin():
                 yield session
+
+    @asynccontextmanager
+    async def _local_write_lock(self) -> AsyncIterator[None]:
+        if not self.is_sqlite:
+            yield
+            return
+        if self._write_lock is None:
+            self._write_lock = asyncio.Lock()
+        async with self._write_lock:
+            yield
+
+    def forget_connections(self) -> None:
+        """In a forked child: drop the parent's pooled connections without closing them."""
+        self.writer.sync_engine.dispose(close=False)
+        if self.reader is not self.writer:
+            self.reader.sync_engine.dispose(close=False)
+        self._write_lock = None
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

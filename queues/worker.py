@@ -86,8 +86,10 @@ def _preload(settings: Settings) -> None:
     the worker, so each forked work horse starts with them loaded instead of importing them."""
     import queues.runner  # noqa: F401
     from queues.registry import build_registry
+    from queues.runtime import warm_database
 
     build_registry(settings)
+    warm_database(settings)
 
 
 async def _ensure_schema(settings: Settings) -> None:
