@@ -8,7 +8,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -27,10 +29,16 @@ def server_binary() -> str:
 
 
 def die_with_parent() -> None:
-    """preexec_fn (Linux): SIGTERM this child when the process that started it dies."""
+    """preexec_fn (Linux): SIGTERM this child when the thread that started it ends."""
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """`die_with_parent` when called on the main thread; None elsewhere, since the signal follows
+    the starting thread (a worker thread of asyncio.to_thread ends long before the process)."""
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def free_port() -> int:
@@ -79,7 +87,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=parent_death_signal(),
         )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)

@@ -20,7 +20,7 @@ import httpx
 
 from orchestrator import accounts
 from orchestrator.db import Database
-from orchestrator.redis_server import RedisServer, die_with_parent, free_port
+from orchestrator.redis_server import RedisServer, free_port, parent_death_signal
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = {"completed", "failed", "cancelled", "timed_out"}
@@ -170,7 +170,7 @@ class Stack:
         env = self.env | {"ORCH_PORT": str(port)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "serve"],
-            preexec_fn=die_with_parent,
+            preexec_fn=parent_death_signal(),
             env=env,
             cwd=self.root,
             stdout=self._log(f"api-{port}.log"),
@@ -195,7 +195,7 @@ class Stack:
     def start_worker(self, queues: str = "train,generate") -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "worker", "--queues", queues],
-            preexec_fn=die_with_parent,
+            preexec_fn=parent_death_signal(),
             env=self.env,
             cwd=self.root,
             stdout=self._log(f"worker-{len(self.workers)}.log"),
