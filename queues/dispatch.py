@@ -85,10 +85,19 @@ class Dispatcher:
         """True when the attempt waits (delayed, queued) or a live worker is running it."""
         if any(int(m.rsplit("|", 3)[2]) == attempt for m in self._delayed(job_id)):
             return True
-        status, worker = self.attempt_state(job_id, attempt)
-        if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        rq_id = rq_job_id(job_id, attempt)
+        try:
+            job = RQJob.fetch(rq_id, connection=self.redis)
+        except NoSuchJobError:
+            return False
+        status = job.get_status()
+        if status == JobStatus.QUEUED:
+            # really on its queue: a worker killed between taking a job off the queue and
+            # starting it leaves the job "queued" in RQ's books but on no queue
+            return self.redis.lpos(self.queue(job.origin).key, rq_id) is not None
+        if status in (JobStatus.SCHEDULED, JobStatus.DEFERRED):
             return True
-        return status == JobStatus.STARTED and self.worker_running(worker, rq_job_id(job_id, attempt))
+        return status == JobStatus.STARTED and self.worker_running(job.worker_name, rq_id)
 
     def attempt_state(self, job_id: str, attempt: int) -> tuple[JobStatus | None, str | None]:
         """RQ's status of the attempt and the worker that took it (None, None when RQ lacks it)."""

@@ -6,6 +6,7 @@ import aiohttp
 from conftest import FAST
 from redis import Redis
 from rq import Queue
+from rq.job import Job
 from support import Api, Stack, eventually
 
 from queues.dispatch import rq_job_id
@@ -46,12 +47,19 @@ async def test_queued_row_missing_from_redis_is_enqueued_by_the_sweeper(stack: S
     rq_id = rq_job_id(job["jobId"], 1)
     Queue("generate", connection=redis).remove(rq_id)
     redis.delete(f"rq:job:{rq_id}")
+    # and one that RQ still calls queued but that sits on no queue, as when a worker is killed
+    # between taking a job off its queue and starting it
+    taken = await api.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep")
+    taken_id = rq_job_id(taken["jobId"], 1)
+    redis.lrem("rq:queue:generate", 0, taken_id)
+    assert Job.fetch(taken_id, connection=redis).get_status() == "queued"
     redis.close()
     stack.start_worker()
-    done = await api.wait(job["jobId"], timeout_s=60)
-    assert done["status"] == "completed"
-    logs = [e for e in await api.events(job["jobId"]) if e["type"] == "log"]
-    assert logs and logs[0]["actor"] == "sweeper" and "re-enqueued" in logs[0]["message"]
+    for j in (job, taken):
+        done = await api.wait(j["jobId"], timeout_s=60)
+        assert done["status"] == "completed"
+        logs = [e for e in await api.events(j["jobId"]) if e["type"] == "log"]
+        assert logs and logs[0]["actor"] == "sweeper" and "re-enqueued" in logs[0]["message"]
 
 
 async def test_retention_drops_history_and_artifacts_but_keeps_job_and_ledger(
