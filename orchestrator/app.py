@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import mimetypes
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -73,6 +74,10 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     c = await Core.open(settings)
     app[CORE] = c
     app[SOCKET_SLOTS] = SocketSlots(c.aredis, settings.max_sockets_per_user)
+    # everything loaded so far lives as long as the process: keep it out of the collector's
+    # full passes, which otherwise walk it every time and stall every socket meanwhile
+    gc.collect()
+    gc.freeze()
     yield
     await c.close()
 
