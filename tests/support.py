@@ -204,6 +204,21 @@ class Stack:
         self.workers.append(proc)
         return proc
 
+    def wait_for_workers(self, count: int, timeout_s: float = 30) -> None:
+        """Until `count` RQ workers are registered (bounded)."""
+        from redis import Redis
+        from rq import Worker
+
+        assert self.redis is not None
+        conn = Redis.from_url(self.redis.url)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while Worker.count(connection=conn) < count:
+                assert time.monotonic() < deadline, f"fewer than {count} RQ workers after {timeout_s} s"
+                time.sleep(0.1)
+        finally:
+            conn.close()
+
     def stop(self) -> None:
         for proc in self.workers:
             _stop(proc, signal.SIGTERM)

@@ -11,7 +11,6 @@ import math
 import re
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -19,8 +18,6 @@ import aiohttp
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from redis import Redis
-from rq import Worker
 from sqlalchemy import text
 from support import Api, Stack, eventually, wait_http
 
@@ -86,18 +83,6 @@ async def db_rows(stack: Stack, sql: str) -> list[tuple[Any, ...]]:
         await db.dispose()
 
 
-def wait_for_workers(stack: Stack, count: int, timeout_s: float = 30) -> None:
-    assert stack.redis is not None
-    conn = Redis.from_url(stack.redis.url)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while Worker.count(connection=conn) < count:
-            assert time.monotonic() < deadline, f"fewer than {count} RQ workers after {timeout_s} s"
-            time.sleep(0.1)
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def shared() -> dict[str, Any]:
     """Shared between the tests of this module (the load runs once, in the first test)."""
@@ -113,7 +98,7 @@ def ran(shared: dict[str, Any]) -> dict[str, Any]:
 
 async def run_load(stack: Stack, http: aiohttp.ClientSession) -> dict[str, str]:
     """Sleep jobs (some failing), one cancelled while running, one image and one lora; all final."""
-    await asyncio.to_thread(wait_for_workers, stack, 2)
+    await asyncio.to_thread(stack.wait_for_workers, 2)
     api = Api(http, stack.url, (await stack.user(credits=1000)).api_key)
     long = await api.submit("generate", {"seconds": 30, "ticks": 0}, type="sleep")
     await api.wait(long["jobId"], until={"running"}, timeout_s=30)

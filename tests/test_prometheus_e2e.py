@@ -28,8 +28,6 @@ import httpx
 import pytest
 from aiohttp import web
 from prometheus_server import PrometheusServer, free_port, load_dashboard, prometheus_binary, start_prometheus
-from redis import Redis
-from rq import Worker
 from sqlalchemy import text
 from support import Api, Stack
 
@@ -54,18 +52,6 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 async def prom_wait(prom: PrometheusServer, predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     await in_thread(prom.wait_until, predicate, timeout_s, what)
-
-
-def wait_for_workers(stack: Stack, count: int, timeout_s: float = 30) -> None:
-    assert stack.redis is not None
-    conn = Redis.from_url(stack.redis.url)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while Worker.count(connection=conn) < count:
-            assert time.monotonic() < deadline, f"fewer than {count} RQ workers after {timeout_s} s"
-            time.sleep(0.1)
-    finally:
-        conn.close()
 
 
 async def db_rows(stack: Stack, sql: str) -> list[tuple[Any, ...]]:
@@ -269,7 +255,7 @@ async def test_every_dashboard_query_returns_data_and_job_counts_match_the_datab
     if len(stack.apis) < 2:
         await in_thread(stack.start_api)
     api_ports = [port for _, port in stack.apis[:2]]
-    await in_thread(wait_for_workers, stack, 2)
+    await in_thread(stack.wait_for_workers, 2)
     key = (await stack.user(credits=10_000)).api_key
     apis = [Api(http, stack.url_of(i), key) for i in (0, 1)]
 
