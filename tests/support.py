@@ -334,3 +334,12 @@ async def eventually(check: Any, timeout_s: float = 20, interval_s: float = 0.1)
             return last
         await asyncio.sleep(interval_s)
     raise TimeoutError(f"condition not met in {timeout_s} s (last: {last!r})")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer's machine that lacks a tool; fail under CI=true, where it must be there."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: required)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -138,7 +139,7 @@ def test_commands_accepted_by_the_real_cli(services: dict[str, dict[str, Any]]) 
     """Each project service's options appear in ``orchestrator SUBCOMMAND --help`` of the installed CLI."""
     entry = Path(sys.executable).parent / "orchestrator"
     if not entry.exists():
-        pytest.skip("the orchestrator entry point is not installed in this environment")
+        skip_or_fail("the orchestrator entry point is not installed in this environment")
     for name, service in _project_services(services).items():
         command = _command(service)
         result = subprocess.run(

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_server import load_dashboard
+from support import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "grafana" / "dashboard.py"
@@ -184,7 +185,7 @@ def test_queries_function(dashboard: dict[str, Any]) -> None:
 def test_queries_parse_with_promtool(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool (Debian package prometheus) is not installed")
+        skip_or_fail("promtool (Debian package prometheus) is not installed")
     rules = [{"record": f"dashboard:query{i}", "expr": e} for i, (_, e) in enumerate(load_dashboard().queries())]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))

@@ -29,12 +29,12 @@ import pytest
 from aiohttp import web
 from prometheus_server import PrometheusServer, free_port, load_dashboard, prometheus_binary, start_prometheus
 from sqlalchemy import text
-from support import Api, Stack
+from support import Api, Stack, skip_or_fail
 
 if prometheus_binary() is None:
     if os.environ.get("CI"):
         pytest.fail("prometheus is not installed: apt-get install -y prometheus", pytrace=False)
-    pytest.skip("prometheus is not installed (apt-get install -y prometheus)", allow_module_level=True)
+    skip_or_fail("prometheus is not installed (apt-get install -y prometheus)")
 
 STACK_WORKERS = 2
 FINAL = ("completed", "failed", "cancelled", "timed_out")

@@ -39,11 +39,12 @@ from prometheus_server import (
     prometheus_binary,
     start_prometheus,
 )
+from support import skip_or_fail
 
 if prometheus_binary() is None:
     if os.environ.get("CI"):
         pytest.fail("prometheus is not installed: apt-get install -y prometheus", pytrace=False)
-    pytest.skip("prometheus is not installed (apt-get install -y prometheus)", allow_module_level=True)
+    skip_or_fail("prometheus is not installed (apt-get install -y prometheus)")
 
 
 def _port_open(port: int) -> bool:
