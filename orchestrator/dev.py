@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,7 +49,19 @@ async def _demo_key(settings: Settings) -> str:
         await db.dispose()
 
 
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_dev(settings: Settings, workers: int) -> int:
+    if not _port_free(settings.host, settings.port):
+        print(f"port {settings.port} on {settings.host} is in use: set ORCH_PORT to another port", file=sys.stderr)
+        return 1
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["ORCH_DATA_DIR"] = str(settings.data_dir.resolve())
