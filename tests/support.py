@@ -238,6 +238,17 @@ class Stack:
     def db(self) -> Database:
         return Database(self.database_url)
 
+    async def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of a read-only SQL query against the stack's database."""
+        from sqlalchemy import text
+
+        db = self.db()
+        try:
+            async with db.read() as s:
+                return [tuple(row) for row in (await s.execute(text(sql))).all()]
+        finally:
+            await db.dispose()
+
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
     if proc.poll() is None:

@@ -18,7 +18,6 @@ import aiohttp
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
 from support import Api, Stack, eventually, wait_http
 
 from orchestrator.redis_server import free_port
@@ -74,15 +73,6 @@ async def scrape(url: str) -> str:
     return response.text
 
 
-async def db_rows(stack: Stack, sql: str) -> list[tuple[Any, ...]]:
-    db = stack.db()
-    try:
-        async with db.read() as s:
-            return [tuple(row) for row in (await s.execute(text(sql))).all()]
-    finally:
-        await db.dispose()
-
-
 @pytest.fixture(scope="module")
 def shared() -> dict[str, Any]:
     """Shared between the tests of this module (the load runs once, in the first test)."""
@@ -120,7 +110,7 @@ async def test_every_contract_metric_has_help_and_counts_match_the_database(
     stack: Stack, http: aiohttp.ClientSession, shared: dict[str, Any]
 ) -> None:
     shared["finals"] = await run_load(stack, http)
-    workers = await db_rows(stack, "SELECT COUNT(DISTINCT worker_name) FROM jobs WHERE started_at IS NOT NULL")
+    workers = await stack.rows("SELECT COUNT(DISTINCT worker_name) FROM jobs WHERE started_at IS NOT NULL")
     assert workers == [(2,)], "the jobs did not run on both worker processes"
 
     exposition = await scrape(stack.url)
@@ -133,22 +123,20 @@ async def test_every_contract_metric_has_help_and_counts_match_the_database(
     samples = parse(exposition)
 
     # Jobs entering each status == status events stored in SQL, per queue, type and status.
-    events = await db_rows(
-        stack,
+    events = await stack.rows(
         "SELECT j.queue, j.type, e.status, COUNT(*) FROM job_events e JOIN jobs j ON j.id = e.job_id "
         "WHERE e.type = 'status' GROUP BY j.queue, j.type, e.status",
     )
     assert by(samples, "orchestrator_jobs_total", "queue", "type", "status") == {
         (q, t, s): float(n) for q, t, s, n in events
     }
-    finals = await db_rows(stack, "SELECT status, COUNT(*) FROM jobs GROUP BY status")
+    finals = await stack.rows("SELECT status, COUNT(*) FROM jobs GROUP BY status")
     total_by_status = by(samples, "orchestrator_jobs_total", "status")
     assert {s: n for s, n in finals} == {s: int(total_by_status[(s,)]) for s in FINAL if (s,) in total_by_status}
     assert total_by_status[("queued",)] == total_by_status[("running",)] == 11.0
 
     # Run time: one observation per job that went running → final, labelled with its final status.
-    ran_then_ended = await db_rows(
-        stack,
+    ran_then_ended = await stack.rows(
         "SELECT queue, type, status, COUNT(*) FROM jobs WHERE started_at IS NOT NULL "
         "AND finished_at IS NOT NULL GROUP BY queue, type, status",
     )
@@ -158,8 +146,8 @@ async def test_every_contract_metric_has_help_and_counts_match_the_database(
     cancelled_duration = by(samples, "orchestrator_job_duration_seconds_sum", "status")[("cancelled",)]
     assert 0 < cancelled_duration < 30
     # Wait: one observation per start (every job here ran exactly once).
-    starts = await db_rows(
-        stack, "SELECT queue, COUNT(*) FROM jobs WHERE started_at IS NOT NULL AND attempts = 1 GROUP BY queue"
+    starts = await stack.rows(
+        "SELECT queue, COUNT(*) FROM jobs WHERE started_at IS NOT NULL AND attempts = 1 GROUP BY queue"
     )
     assert by(samples, "orchestrator_job_wait_seconds_count", "queue") == {(q,): float(n) for q, n in starts}
     for name in ("orchestrator_job_duration_seconds", "orchestrator_job_wait_seconds"):

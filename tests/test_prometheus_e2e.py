@@ -28,7 +28,6 @@ import httpx
 import pytest
 from aiohttp import web
 from prometheus_server import PrometheusServer, free_port, load_dashboard, prometheus_binary, start_prometheus
-from sqlalchemy import text
 from support import Api, Stack, skip_or_fail
 
 if prometheus_binary() is None:
@@ -54,19 +53,9 @@ async def prom_wait(prom: PrometheusServer, predicate: Callable[[], bool], timeo
     await in_thread(prom.wait_until, predicate, timeout_s, what)
 
 
-async def db_rows(stack: Stack, sql: str) -> list[tuple[Any, ...]]:
-    db = stack.db()
-    try:
-        async with db.read() as s:
-            return [tuple(row) for row in (await s.execute(text(sql))).all()]
-    finally:
-        await db.dispose()
-
-
 async def db_status_events(stack: Stack) -> dict[tuple[str, str, str], float]:
     """Status events stored in SQL, per queue, type and status: one per job entering a status."""
-    rows = await db_rows(
-        stack,
+    rows = await stack.rows(
         "SELECT j.queue, j.type, e.status, COUNT(*) FROM job_events e JOIN jobs j ON j.id = e.job_id "
         "WHERE e.type = 'status' GROUP BY j.queue, j.type, e.status",
     )
@@ -217,12 +206,11 @@ async def check_job_counts(prom: PrometheusServer, stack: Stack, api_ports: list
     query = "sum by (status) (max without (instance, job) (orchestrator_jobs_total))"
     seen = {r["metric"]["status"]: float(r["value"][1]) for r in prom.query(query)}
     assert seen == by_status
-    jobs_by_status = dict(await db_rows(stack, "SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+    jobs_by_status = dict(await stack.rows("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
     assert {s: float(n) for s, n in jobs_by_status.items() if s in FINAL} == {s: seen[s] for s in FINAL if s in seen}
     assert jobs_by_status.get("running") == 1  # the monitored job
 
-    runs = await db_rows(
-        stack,
+    runs = await stack.rows(
         "SELECT queue, type, COUNT(*) FROM jobs "
         "WHERE started_at IS NOT NULL AND finished_at IS NOT NULL GROUP BY queue, type",
     )
