@@ -34,7 +34,7 @@ RECYCLE_EXIT = 75
 """Exit code of a worker that ran its `--max-jobs` and wants a fresh process."""
 
 
-class WarmWorker(SimpleWorker):
+class OrchestratorWorker(SimpleWorker):
     """A SimpleWorker that keeps its heartbeat key and the supervisor told of the attempt it runs.
 
     RQ's `stop-job` command is a no-op here (there is no horse to kill): stops go through the stop
@@ -86,7 +86,7 @@ def serve(
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host)
-    worker = WarmWorker([Queue(q, connection=conn) for q in queues], connection=conn, name=name)
+    worker = OrchestratorWorker([Queue(q, connection=conn) for q in queues], connection=conn, name=name)
     worker.watch = JobWatch(conn, name, settings.worker_lost_after_s)
     worker.status_fd = status_fd
     rt.interruptible = worker.watch
