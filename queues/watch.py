@@ -92,12 +92,14 @@ class JobWatch:
             if time.monotonic() >= next_beat:
                 self._beat()
                 next_beat = time.monotonic() + beat_every
-            job_id = self._job_id
-            if job_id and self._inside and not self._interrupted:
-                try:
-                    flagged = self.redis.exists(keys.cancel_flag(job_id))
-                except Exception:
-                    continue
-                if flagged and self._job_id == job_id:
-                    self._interrupted = True
-                    signal.pthread_kill(threading.main_thread().ident or 0, INTERRUPT)
+            try:
+                self._check_stop()
+            except Exception as exc:  # Redis away: the supervisor's watchdog still holds
+                log.warning("cannot read the stop flag: %s", exc)
+
+    def _check_stop(self) -> None:
+        job_id = self._job_id
+        if job_id and self._inside and not self._interrupted and self.redis.exists(keys.cancel_flag(job_id)):
+            if self._job_id == job_id:
+                self._interrupted = True
+                signal.pthread_kill(threading.main_thread().ident or 0, INTERRUPT)
