@@ -231,7 +231,8 @@ class Stack:
         db = Database(self.database_url)
         try:
             await db.create_schema()
-            return await accounts.create_user(db, name or f"u{time.monotonic_ns()}", credits)
+            key = self.env["ORCH_SECRET_KEY"]
+            return await accounts.create_user(db, name or f"u{time.monotonic_ns()}", credits, signing_key=key)
         finally:
             await db.dispose()
 
