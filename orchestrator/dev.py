@@ -9,13 +9,14 @@ children (an RQ work horse, say) by process group, Redis last."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -86,6 +87,7 @@ class Child:
     backoff_s: float = BACKOFF_FIRST_S
     restart_at: float | None = None
     restarts: int = 0
+    family: set[int] = field(default_factory=set)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -117,17 +119,40 @@ class Child:
 
     def terminate(self) -> None:
         if self.proc is not None:
+            self.family = set(_descendants(self.proc.pid))
             _signal_group(self.proc, signal.SIGTERM)
 
     def wait_or_kill(self, deadline: float) -> None:
+        """Wait for a clean exit until `deadline`, then SIGKILL the child, its group and its
+        descendants (an RQ work horse leads a session of its own)."""
         if self.proc is None:
             return
         try:
             self.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            pass
+            self.family.update(_descendants(self.proc.pid))
         _signal_group(self.proc, signal.SIGKILL)
+        for pid in self.family:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait(5)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            out.append(child)
+            frontier.append(child)
+    return out
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
