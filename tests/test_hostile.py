@@ -11,9 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import sqlite3
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -23,6 +29,7 @@ import pytest
 from hypothesis import strategies as st
 from support import Api, Stack
 
+from orchestrator import accounts
 from orchestrator.auth import TOKEN_PREFIX, Tokens
 from orchestrator.errors import ValidationFailed
 from orchestrator.ssrf import check_url
@@ -903,6 +910,61 @@ async def test_redeliver_is_rate_limited_per_user(stack: Stack, api: Api, http: 
     other_job = await other.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep")
     status, err, _ = await other.call("POST", f"/api/jobs/{other_job['jobId']}/deliveries/msg_nothing/redeliver")
     assert_error(status, err, 404, "NOT_FOUND")
+
+
+# ---- the command line and the data dir -----------------------------------------------------------
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_a_negative_zero_or_huge_top_up_is_refused_with_exit_2(stack: Stack, http: aiohttp.ClientSession):
+    user = await stack.user(credits=50)
+    api = Api(http, stack.url, user.api_key)
+    before = await state(api)
+    soft = Soft()
+    for amount in ("-1000", "0", "1" * 20, str(10**12 + 1), "abc", "1e3", "9" * 5000):
+        with soft.case(amount):
+            done = cli(stack.env, "users", "credit", user.name, amount)
+            assert done.returncode == 2, (done.returncode, done.stdout, done.stderr[-500:])
+            assert "credits must be" in done.stderr or "whole number" in done.stderr, done.stderr[-500:]
+            assert "Traceback" not in done.stderr, done.stderr[-500:]
+    soft.check()
+    assert await state(api) == before
+    for amount in (-1000, 0, 10**20):
+        with pytest.raises(ValidationFailed):
+            await accounts.add_credits(stack.db(), user.name, amount)
+    assert await state(api) == before
+    done = cli(stack.env, "users", "credit", user.name, "25")
+    assert done.returncode == 0, done.stderr
+    status, me, _ = await api.call("GET", "/api/me")
+    assert status == 200 and me["credits"] == 75
+    status, ledger, _ = await api.call("GET", "/api/me/ledger")
+    assert status == 200 and sum(e["delta"] for e in ledger["entries"]) == 75
+
+
+def test_data_dir_key_and_database_are_private_and_webhook_secrets_sealed(tmp_path: Path):
+    """A fresh data dir is 0700, secret.key and the SQLite file 0600; the webhook secret printed
+    once is not what the database holds (nor anywhere in its files)."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ORCH_SECRET_KEY", "REDIS_URL")}
+    env["ORCH_DATA_DIR"] = str(data)
+    done = cli(env, "users", "create", "alice", "--credits", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)
+    assert created["webhookSecret"].startswith("whsec_")
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("secret.key", "orchestrator.db"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    with sqlite3.connect(data / "orchestrator.db") as conn:
+        (stored,) = conn.execute("SELECT webhook_secret FROM users WHERE name = 'alice'").fetchone()
+    assert stored.startswith("enc1:") and created["webhookSecret"] not in stored
+    for f in data.iterdir():
+        if f.is_file():
+            assert created["webhookSecret"].encode() not in f.read_bytes(), f
 
 
 async def test_the_process_survived_all_of_it(stack: Stack):
