@@ -92,8 +92,10 @@ async def browser() -> AsyncIterator[Any]:
             await b.close()
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run when a process it started outlived it (every fixture is torn down by now)."""
+    """Fail the run when a process it started outlived it. trylast: after pytest's own
+    sessionfinish, which tears down the fixtures still set up (session and module scoped)."""
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None:
         return
