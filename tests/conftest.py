@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -92,6 +93,11 @@ async def browser() -> AsyncIterator[Any]:
             await b.close()
 
 
+LEFTOVER_GRACE_S = 10.0
+"""How long a process may take to finish exiting after its fixture stopped it (pg_ctl returns
+when the pid file is gone, a moment before the postmaster is)."""
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run when a process it started outlived it. trylast: after pytest's own
@@ -99,7 +105,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None:
         return
-    left = leftover_processes(factory.getbasetemp())
+    root = factory.getbasetemp()
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    left = leftover_processes(root)
+    while left and time.monotonic() < deadline:  # a server told to stop may still be exiting
+        time.sleep(0.1)
+        left = leftover_processes(root)
     if not left:
         return
     for pid, _ in left:

@@ -157,12 +157,27 @@ class Postgres:
         return self.url(name)
 
     def stop(self) -> None:
+        """pg_ctl stop, then wait for the postmaster itself to be gone (SIGKILL after 30 s): pg_ctl
+        can return, or fail, while the postmaster still runs."""
         pg_ctl = _pg_bin("pg_ctl")
+        pidfile = self.data / "postmaster.pid"
+        try:
+            postmaster = int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            postmaster = None
         if pg_ctl and self.data.exists():
             try:
                 self._run(pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
-            except subprocess.CalledProcessError:
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 pass
+        if postmaster is None:
+            return
+        deadline = time.monotonic() + 30
+        while _alive(postmaster) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(postmaster):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(postmaster, signal.SIGKILL)
 
 
 @dataclass
