@@ -8,12 +8,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# The locked runtime dependencies first (hash-checked; a layer that changes only with the lock),
+# then the project itself with --no-deps: nothing is resolved at build time.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY orchestrator ./orchestrator
 COPY queues ./queues
 COPY ws_gateway ./ws_gateway
 COPY metrics ./metrics
-RUN pip install . \
+RUN pip install --no-deps . \
     && rm -rf /app/build
 
 # Non-root; /data holds artifacts (and the SQLite file when DATABASE_URL is unset).

@@ -14,12 +14,15 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
+from orchestrator import secretbox
 from orchestrator.db import Database
-from orchestrator.errors import ApiError, NotFound
+from orchestrator.errors import ApiError, NotFound, ValidationFailed
 from orchestrator.models import LedgerEntry, User
 from orchestrator.views import iso
 
 API_KEY_PREFIX = "ok_"
+MAX_CREDIT = 10**12
+"""The largest single top-up (or starting balance): far below BIGINT, so no sum overflows."""
 
 
 def hash_key(api_key: str) -> str:
@@ -48,15 +51,17 @@ class UserExists(ApiError):
     status, code = 409, "USER_EXISTS"
 
 
-async def create_user(db: Database, name: str, credits: int = 0) -> NewUser:
+async def create_user(db: Database, name: str, credits: int = 0, *, signing_key: str) -> NewUser:
+    """The webhook secret is returned in the clear (shown once) and stored sealed (secretbox)."""
     api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     now = time.time()
+    user_id = "usr_" + secrets.token_urlsafe(9)
     user = User(
-        id="usr_" + secrets.token_urlsafe(9),
+        id=user_id,
         name=name,
         api_key_hash=hash_key(api_key),
-        webhook_secret=secret,
+        webhook_secret=secretbox.seal(signing_key, user_id, secret),
         credits=0,
         created_at=now,
     )
@@ -82,6 +87,9 @@ async def create_user(db: Database, name: str, credits: int = 0) -> NewUser:
 
 
 async def add_credits(db: Database, name: str, amount: int) -> int:
+    """A top-up of 1..MAX_CREDIT credits; anything else is ValidationFailed and changes nothing."""
+    if not 1 <= amount <= MAX_CREDIT:
+        raise ValidationFailed(f"a top-up must be 1..{MAX_CREDIT} credits, not {amount}")
     now = time.time()
     async with db.write() as s:
         row = (

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from orchestrator.settings import private_dir
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 """A file name: no path separators, no leading dot (so never `.` or `..`)."""
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -28,7 +30,7 @@ class ArtifactStore:
             raise ValueError(f"unsafe artifact name {filename!r}")
         token = secrets.token_urlsafe(16)
         folder = self.root / job_id / token
-        folder.mkdir(parents=True, exist_ok=True)
+        private_dir(folder)
         tmp = folder / f".{filename}.tmp"
         tmp.write_bytes(content)
         tmp.replace(folder / filename)

@@ -38,7 +38,7 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
         try:
             await db.create_schema()
             if args.users_cmd == "create":
-                user = await accounts.create_user(db, args.name, args.credits)
+                user = await accounts.create_user(db, args.name, args.credits, signing_key=settings.signing_key)
                 if args.json:
                     print(json.dumps(user.as_json()))
                 else:
@@ -58,10 +58,15 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
-def _positive_credits(v: str) -> int:
-    n = int(v)
-    if n < 0 or n > 10**12:
-        raise argparse.ArgumentTypeError("credits must be 0..10^12")
+def _credits(v: str, low: int) -> int:
+    from orchestrator.accounts import MAX_CREDIT
+
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number") from None
+    if not low <= n <= MAX_CREDIT:
+        raise argparse.ArgumentTypeError(f"credits must be {low}..{MAX_CREDIT}, not {v}")
     return n
 
 
@@ -70,6 +75,15 @@ def _positive_int(v: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return n
+
+
+def _positive_credits(v: str) -> int:
+    return _credits(v, 0)
+
+
+def _top_up(v: str) -> int:
+    """A top-up adds credits: 1..MAX_CREDIT (argparse exits 2 with the message otherwise)."""
+    return _credits(v, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     uc.add_argument("--json", action="store_true")
     ucr = usub.add_parser("credit")
     ucr.add_argument("name")
-    ucr.add_argument("amount", type=int)
+    ucr.add_argument("amount", type=_top_up)
     s = sub.add_parser("submit", help="submit a job (reads ORCH_URL and ORCH_API_KEY)")
     s.add_argument("queue", choices=["train", "generate"])
     s.add_argument("--type", dest="type_")

@@ -54,7 +54,7 @@ class Core:
             lifecycle=Lifecycle(db, bus, registry, dispatcher),
             artifacts=ArtifactStore(settings.artifacts_dir),
             tokens=Tokens(settings.signing_key),
-            limiter=Limiter(settings.redis, settings.submit_rate),
+            limiter=Limiter(settings.redis, settings.submit_rate, settings.redeliver_rate),
         )
 
     async def readiness(self) -> dict[str, str]:

@@ -13,6 +13,7 @@ process at start. The first change to an existing table must add Alembic with th
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from sqlmodel import SQLModel
 
 from orchestrator import models
 from orchestrator.errors import BadRequest, Unavailable
+from orchestrator.settings import private_dir
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -50,6 +52,16 @@ def _sqlite_engine(url: str, *, immediate: bool) -> AsyncEngine:
     return engine
 
 
+def _create_private(path: Path) -> None:
+    """An absent SQLite file is created empty, 0600, in a 0700 directory (SQLite gives its -wal
+    and -shm files the database file's mode)."""
+    private_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -57,8 +69,8 @@ class Database:
         self._write_lock: asyncio.Lock | None = None
         if self.is_sqlite:
             path = url.split("///", 1)[1] if "///" in url else ""
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if path and path != ":memory:" and not path.startswith("file:"):
+                _create_private(Path(path))
             self.writer = _sqlite_engine(url, immediate=True)
             self.reader = _sqlite_engine(url, immediate=False)
         else:

@@ -1,23 +1,30 @@
 """`orchestrator dev`: Redis (embedded, AOF in the data dir), SQLite, the API and N workers on one
-machine. Ctrl-C stops every child; children are started and stopped by PID."""
+machine.
+
+Each child (the API, each worker) is a CLI command in its own process group: a child that dies
+is started again after a short back-off (0.5 s doubling to 10 s, back to 0.5 s once it has run a
+minute) while the others keep running; Ctrl-C (or SIGTERM) stops every child and its own
+children (an RQ work horse, say) by process group, Redis last."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from orchestrator import accounts
 from orchestrator.db import Database
-from orchestrator.redis_server import RedisServer
-from orchestrator.settings import Settings
+from orchestrator.redis_server import RedisServer, parent_death_signal
+from orchestrator.settings import Settings, private_dir
 
 DEMO_USER = "demo"
 DEMO_CREDITS = 1000
@@ -36,7 +43,7 @@ async def _demo_key(settings: Settings) -> str:
         name = DEMO_USER
         for i in range(2, 100):
             try:
-                new = await accounts.create_user(db, name, DEMO_CREDITS)
+                new = await accounts.create_user(db, name, DEMO_CREDITS, signing_key=settings.signing_key)
                 break
             except accounts.UserExists:
                 name = f"{DEMO_USER}{i}"
@@ -49,8 +56,18 @@ async def _demo_key(settings: Settings) -> str:
         await db.dispose()
 
 
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 60.0
+"""A child that ran this long before dying is restarted after BACKOFF_FIRST_S again."""
+STOP_TIMEOUT_S = 15.0
+
+
 def _port_free(host: str, port: int) -> bool:
+    """Whether the API could listen there. SO_REUSEADDR, as the server itself binds (aiohttp does
+    on Unix): connections of a stopped run in TIME-WAIT do not make the port busy."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -58,11 +75,99 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+@dataclass
+class Child:
+    """One supervised CLI command (`serve`, `worker`, ...)."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_FIRST_S
+    restart_at: float | None = None
+    restarts: int = 0
+    family: set[int] = field(default_factory=set)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", *self.args],
+            env=self.env,
+            start_new_session=True,  # its own group: stopped with whatever it forks
+            preexec_fn=parent_death_signal(),
+        )
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def check(self) -> None:
+        """Notice an exit and schedule the restart; restart when its back-off has passed."""
+        now = time.monotonic()
+        if self.proc is not None and self.restart_at is None and self.proc.poll() is not None:
+            if now - self.started_at >= STABLE_AFTER_S:
+                self.backoff_s = BACKOFF_FIRST_S
+            print(
+                f"{self.name} exited with code {self.proc.returncode}; restarting in {self.backoff_s:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            _signal_group(self.proc, signal.SIGKILL)  # anything it left behind in its group
+            self.restart_at = now + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
+        if self.restart_at is not None and now >= self.restart_at:
+            self.restarts += 1
+            self.start()
+
+    def terminate(self) -> None:
+        if self.proc is not None:
+            self.family = set(_descendants(self.proc.pid))
+            _signal_group(self.proc, signal.SIGTERM)
+
+    def wait_or_kill(self, deadline: float) -> None:
+        """Wait for a clean exit until `deadline`, then SIGKILL the child, its group and its
+        descendants (an RQ work horse leads a session of its own)."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.family.update(_descendants(self.proc.pid))
+        _signal_group(self.proc, signal.SIGKILL)
+        for pid in self.family:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(5)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            out.append(child)
+            frontier.append(child)
+    return out
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the child's process group (its pid: it leads a session of its own)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_dev(settings: Settings, workers: int) -> int:
     if not _port_free(settings.host, settings.port):
         print(f"port {settings.port} on {settings.host} is in use: set ORCH_PORT to another port", file=sys.stderr)
         return 1
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     env = dict(os.environ)
     env["ORCH_DATA_DIR"] = str(settings.data_dir.resolve())
     redis_server: RedisServer | None = None
@@ -73,12 +178,16 @@ def run_dev(settings: Settings, workers: int) -> int:
         redis_server.start()
         env["REDIS_URL"] = redis_server.url
     env.setdefault("DATABASE_URL", settings.db_url)
-    key = asyncio.run(
-        _demo_key(Settings.model_validate({"DATABASE_URL": env["DATABASE_URL"], "ORCH_DATA_DIR": env["ORCH_DATA_DIR"]}))
+    own = Settings.model_validate(
+        {
+            "DATABASE_URL": env["DATABASE_URL"],
+            "ORCH_DATA_DIR": env["ORCH_DATA_DIR"],
+            "ORCH_SECRET_KEY": settings.secret_key,
+        }
     )
-    exe = [sys.executable, "-m", "orchestrator.cli"]
-    children: list[subprocess.Popen[bytes]] = [subprocess.Popen([*exe, "serve"], env=env)]
-    children += [subprocess.Popen([*exe, "worker"], env=env) for _ in range(workers)]
+    key = asyncio.run(_demo_key(own))
+    children = [Child("api", ["serve"], env)]
+    children += [Child(f"worker {i + 1}", ["worker"], env) for i in range(workers)]
     url = f"http://{settings.host}:{settings.port}"
     stopping = False
 
@@ -89,6 +198,8 @@ def run_dev(settings: Settings, workers: int) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
+        for c in children:
+            c.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not stopping:
             try:
@@ -96,9 +207,8 @@ def run_dev(settings: Settings, workers: int) -> int:
                     break
             except httpx.HTTPError:
                 pass
-            if any(c.poll() is not None for c in children):
-                print("a child process exited during start-up", file=sys.stderr)
-                stopping = True
+            for c in children:
+                c.check()
             time.sleep(0.2)
         if not stopping:
             print(
@@ -117,20 +227,15 @@ def run_dev(settings: Settings, workers: int) -> int:
                 flush=True,
             )
         while not stopping:
-            if any(c.poll() is not None for c in children):
-                print("a child process exited; stopping", file=sys.stderr)
-                break
-            time.sleep(0.5)
+            for c in children:
+                c.check()
+            time.sleep(0.2)
     finally:
         for c in children:
-            if c.poll() is None:
-                c.send_signal(signal.SIGTERM)
+            c.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         for c in children:
-            try:
-                c.wait(15)
-            except subprocess.TimeoutExpired:
-                c.kill()
-                c.wait(5)
+            c.wait_or_kill(deadline)
         if redis_server is not None:
             redis_server.stop()
         print("stopped", flush=True)

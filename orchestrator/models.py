@@ -21,7 +21,7 @@ class User(SQLModel, table=True):
     id: str = Field(primary_key=True)
     name: str = Field(index=True, unique=True)
     api_key_hash: str = Field(index=True, unique=True)
-    webhook_secret: str
+    webhook_secret: str  # sealed: see orchestrator/secretbox.py
     credits: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     created_at: float
 

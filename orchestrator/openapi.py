@@ -27,6 +27,36 @@ ERRORS = {
 }
 
 
+JOB_LINKS = {
+    "GetJob": ("get", "/api/jobs/{jobId}"),
+    "GetStatus": ("get", "/api/status/{jobId}"),
+    "GetEvents": ("get", "/api/jobs/{jobId}/events"),
+    "ListDeliveries": ("get", "/api/jobs/{jobId}/deliveries"),
+    "CancelJob": ("delete", "/api/jobs/{jobId}"),
+    "CancelJobPost": ("post", "/api/jobs/{jobId}/cancel"),
+}
+"""OpenAPI links from a submit's (and a cancel's, a read's) `jobId` to the job's routes, for
+clients and for stateful testing (schemathesis follows them). Not the SSE stream: it stays open
+until the job ends."""
+LINKED_FROM = [("post", "/api/train"), ("post", "/api/generate"), ("get", "/api/jobs/{jobId}")]
+
+
+def _add_links(paths: dict[str, dict[str, Any]]) -> None:
+    links = {
+        name: {
+            "operationId": paths[path][method]["operationId"],
+            "parameters": {"jobId": "$response.body#/jobId"},
+        }
+        for name, (method, path) in JOB_LINKS.items()
+        if method in paths.get(path, {})
+    }
+    for method, path in LINKED_FROM:
+        op = paths.get(path, {}).get(method)
+        if op is not None:
+            success = next(code for code in op["responses"] if code.startswith("2"))
+            op["responses"][success]["links"] = {name: dict(link) for name, link in links.items()}
+
+
 def _params(model: type[BaseModel]) -> list[dict[str, Any]]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
     out = []
@@ -94,6 +124,7 @@ def build() -> dict[str, Any]:
         op["responses"] = responses
         op["security"] = [] if r.auth == "none" else [{"bearer": []}]
         paths.setdefault(path, {})[r.method.lower()] = op
+    _add_links(paths)
     return {
         "openapi": "3.1.0",
         "info": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, validation_alias=_env("ORCH_MAX_BODY_BYTES"))
     secret_key: str = Field("", validation_alias=_env("ORCH_SECRET_KEY"))
     submit_rate: str = Field("600/minute", validation_alias=_env("ORCH_SUBMIT_RATE"))
+    redeliver_rate: str = Field("30/minute", validation_alias=_env("ORCH_REDELIVER_RATE"))
+    """Per user: POST .../deliveries/{id}/redeliver calls (each makes an outbound request now)."""
     max_sockets_per_user: int = Field(200, validation_alias=_env("ORCH_MAX_SOCKETS_PER_USER"))
     max_subscriptions_per_socket: int = Field(500, validation_alias=_env("ORCH_MAX_SUBSCRIPTIONS_PER_SOCKET"))
     task_costs: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_COSTS"))
@@ -74,11 +77,30 @@ class Settings(BaseSettings):
         if not path.exists():
             import secrets
 
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_urlsafe(32))
-            tmp.replace(path)
+            private_dir(self.data_dir)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+            try:
+                os.link(tmp, path)  # first writer wins: concurrent starts agree on one key
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
         return path.read_text().strip()
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` and any missing parents, each 0700 (an existing directory is left as it is):
+    the data dir holds the signing key, the SQLite file and artifacts."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    return path
 
 
 def get_settings() -> Settings:

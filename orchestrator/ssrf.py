@@ -22,24 +22,34 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
 
 
+def _invalid(message: str) -> ValidationFailed:
+    return ValidationFailed(message, details=[{"field": "webhookUrl", "message": "invalid URL"}])
+
+
 def check_syntax(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationFailed(
-            "webhookUrl must be an http or https URL",
-            details=[{"field": "webhookUrl", "message": "invalid URL"}],
-        )
+    """The host and port of an http(s) URL; ValidationFailed (422) for anything else, never
+    another exception (urlsplit raises ValueError on a bad bracketed host such as `[::1`)."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise _invalid(f"webhookUrl is not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise _invalid("webhookUrl must be an http or https URL")
     if parts.username or parts.password:
         raise ForbiddenUrl("webhookUrl must not carry credentials")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
-        raise ValidationFailed("webhookUrl has an invalid port") from exc
-    return parts.hostname, port
+        raise _invalid("webhookUrl has an invalid port") from exc
+    return hostname, port
 
 
 async def check_url(url: str, allow_private: bool) -> None:
-    """Raise ForbiddenUrl unless every address the host resolves to is public."""
+    """Return when the URL may be called; otherwise raise ValidationFailed (422: a malformed URL)
+    or its subclass ForbiddenUrl (a host that does not resolve, or resolves to a non-public
+    address). Nothing else escapes: the idna codec's UnicodeError (`a..b`, a label over 63
+    characters) and getaddrinfo's ValueError (a NUL in the host) count as "does not resolve"."""
     host, port = check_syntax(url)
     if allow_private:
         return
@@ -51,7 +61,7 @@ async def check_url(url: str, allow_private: bool) -> None:
             infos = await asyncio.wait_for(
                 asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout=5
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # UnicodeError is a ValueError
             raise ForbiddenUrl(f"webhookUrl host {host!r} does not resolve") from exc
         addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     bad = [str(a) for a in addrs if not _is_public(a)]

@@ -65,11 +65,26 @@ async def read_json(request: web.Request) -> Any:
         raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
+MAX_FIELD_ERRORS = 50
+"""At most this many entries in a 422's `details` (one more says how many were left out)."""
+MAX_ERROR_TEXT = 200
+"""Characters kept of each field path and message: with MAX_FIELD_ERRORS this bounds a 422 body
+to a few tens of KiB whatever the request held (70,000 unknown keys once made a 7.5 MB answer)."""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 1] + "…"
+
+
 def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
-    out = []
-    for e in exc.errors(include_url=False, include_input=False):
+    """One entry per failed field, the first MAX_FIELD_ERRORS of them, each clipped."""
+    out: list[dict[str, Any]] = []
+    for e in exc.errors(include_url=False, include_input=False)[:MAX_FIELD_ERRORS]:
         path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        out.append({"field": path or "(body)", "message": e["msg"], "type": e["type"]})
+        out.append({"field": _clip(path or "(body)"), "message": _clip(e["msg"]), "type": e["type"]})
+    left_out = exc.error_count() - len(out)
+    if left_out > 0:
+        out.append({"field": "(more)", "message": f"{left_out} more errors not shown", "type": "truncated"})
     return out
 
 
@@ -83,8 +98,9 @@ def validate(model: type[M], data: Any, prefix: str = "") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         details = validation_details(exc, prefix)
-        fields = ", ".join(d["field"] for d in details)
-        raise ValidationFailed(f"invalid fields: {fields}", details=details) from exc
+        fields = ", ".join(d["field"] for d in details[:MAX_FIELD_ERRORS])
+        more = f" and {exc.error_count() - MAX_FIELD_ERRORS} more" if exc.error_count() > MAX_FIELD_ERRORS else ""
+        raise ValidationFailed(f"invalid fields: {fields}{more}", details=details) from exc
 
 
 def query(request: web.Request, model: type[M]) -> M:

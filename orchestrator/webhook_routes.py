@@ -22,9 +22,11 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 async def redeliver(request: web.Request) -> web.Response:
     """Makes one attempt now and answers 200 with it (its status code or error, and the
-    delivery's state afterwards); 409 DELIVERY_IN_PROGRESS while another attempt is in flight."""
+    delivery's state afterwards); 409 DELIVERY_IN_PROGRESS while another attempt is in flight;
+    429 past ORCH_REDELIVER_RATE per user (counted before anything is looked up or sent)."""
     user = await full_access(request)
     c = core(request)
+    await c.limiter.hit_redeliver(user.user_id)
     job = await jobs.get_job(c.db, request.match_info["job_id"], user.user_id)
     webhook_id = request.match_info["webhook_id"]
     if len(webhook_id) > MAX_WEBHOOK_ID:

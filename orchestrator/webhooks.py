@@ -47,6 +47,7 @@ from sqlalchemy import func, select, update
 from sqlmodel import col
 
 from metrics.realtime import WEBHOOK_DELIVERIES, event_time, observe_lag
+from orchestrator import secretbox
 from orchestrator.core import Core
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound, ValidationFailed
@@ -267,8 +268,9 @@ def _interrupted(log_: list[dict[str, Any]], attempt: int, now: float) -> list[d
 
 
 def _secret_query() -> Any:
+    """Rows of (delivery, user id, sealed secret): open the secret with `_secret`."""
     return (
-        select(WebhookDelivery, col(User.webhook_secret))
+        select(WebhookDelivery, col(User.id), col(User.webhook_secret))
         .join(Job, col(Job.id) == col(WebhookDelivery.job_id))
         .join(User, col(User.id) == col(Job.user_id))
     )
@@ -450,7 +452,8 @@ class Sender:
                     found = (await s.execute(q)).first()
                 if found is None:
                     return
-                row, secret = found
+                row, user_id, sealed = found
+                secret = secretbox.unseal(self.core.settings.signing_key, user_id, sealed)
                 claim = await claim_row(self.core.db, row, secret, self.lease_s)
                 if claim is None:
                     return
@@ -516,7 +519,8 @@ async def redeliver(core: Core, job_id: str, webhook_id: str) -> dict[str, Any]:
         ).first()
     if found is None:
         raise NotFound("delivery not found")
-    row, secret = found
+    row, user_id, sealed = found
+    secret = secretbox.unseal(core.settings.signing_key, user_id, sealed)
     lease_s = core.settings.webhook_timeout_s + LEASE_MARGIN_S
     in_flight = row.attempt > len(row.attempts_log) and (row.next_attempt_at or 0) > time.time()
     claim = None if in_flight else await claim_row(core.db, row, secret, lease_s, manual=True)

@@ -1,12 +1,17 @@
 """Fixtures: each test module gets its own Redis, database and processes.
 
 The database is SQLite unless ORCH_TEST_DB=postgres, in which case a Postgres 15 cluster is
-started from the machine's binaries for the session. Under CI=true a missing Postgres fails."""
+started from the machine's binaries for the session. Under CI=true a missing Postgres fails.
+
+At the end of the session, a process the tests started that is still alive (see
+`support.leftover_processes`) fails the run; it is killed and named in the report."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import Postgres, Stack
+from support import Postgres, Stack, leftover_processes
 
 BACKEND = os.environ.get("ORCH_TEST_DB", "sqlite")
 
@@ -86,3 +91,38 @@ async def browser() -> AsyncIterator[Any]:
             yield b
         finally:
             await b.close()
+
+
+LEFTOVER_GRACE_S = 10.0
+"""How long a process may take to finish exiting after its fixture stopped it (pg_ctl returns
+when the pid file is gone, a moment before the postmaster is)."""
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a process it started outlived it. trylast: after pytest's own
+    sessionfinish, which tears down the fixtures still set up (session and module scoped)."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    root = factory.getbasetemp()
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    left = leftover_processes(root)
+    while left and time.monotonic() < deadline:  # a server told to stop may still be exiting
+        time.sleep(0.1)
+        left = leftover_processes(root)
+    if not left:
+        return
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    lines = "\n".join(f"  {pid}  {cmd[:200]}" for pid, cmd in left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"{len(left)} process(es) started by the tests outlived them (now killed):\n{lines}"
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

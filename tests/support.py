@@ -1,9 +1,15 @@
 """Real parts for the tests: a Redis-compatible server, Postgres (from the machine's binaries, run
-as an unprivileged user), API and worker processes, all on 127.0.0.1 and started by PID."""
+as an unprivileged user), API and worker processes, all on 127.0.0.1 and started by PID.
+
+Every API and worker process leads a process group of its own and is stopped with its group, so
+what it forked (an RQ work horse in the middle of a long job) goes with it. `STARTED` records
+every PID; conftest's session-end check fails the run if one of them, or any process whose
+arguments or environment name the run's temp dir, is still alive (`leftover_processes`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
@@ -24,6 +30,51 @@ from orchestrator.redis_server import RedisServer, free_port, parent_death_signa
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = {"completed", "failed", "cancelled", "timed_out"}
+STARTED: list[int] = []
+"""PIDs of the processes the tests started (Stack's, and any passed to `track`)."""
+
+
+def track(proc: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
+    STARTED.append(proc.pid)
+    return proc
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _mentions(pid: int, needle: bytes) -> bool:
+    for part in ("cmdline", "environ"):
+        try:
+            if needle in Path(f"/proc/{pid}/{part}").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def leftover_processes(root: Path) -> list[tuple[int, str]]:
+    """Live processes that the tests started, or whose command line or environment names a path
+    under `root` (the run's temp dir): (pid, command line) each; this process excluded."""
+    needle = str(root.resolve()).encode() + b"/"
+    ours = set(STARTED)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        if (pid in ours or _mentions(pid, needle)) and _alive(pid):
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            found.append((pid, cmd))
+    return found
 
 
 def _pg_bin(name: str) -> str | None:
@@ -106,12 +157,27 @@ class Postgres:
         return self.url(name)
 
     def stop(self) -> None:
+        """pg_ctl stop, then wait for the postmaster itself to be gone (SIGKILL after 30 s): pg_ctl
+        can return, or fail, while the postmaster still runs."""
         pg_ctl = _pg_bin("pg_ctl")
+        pidfile = self.data / "postmaster.pid"
+        try:
+            postmaster = int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            postmaster = None
         if pg_ctl and self.data.exists():
             try:
                 self._run(pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
-            except subprocess.CalledProcessError:
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 pass
+        if postmaster is None:
+            return
+        deadline = time.monotonic() + 30
+        while _alive(postmaster) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(postmaster):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(postmaster, signal.SIGKILL)
 
 
 @dataclass
@@ -171,11 +237,13 @@ class Stack:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "serve"],
             preexec_fn=parent_death_signal(),
+            start_new_session=True,
             env=env,
             cwd=self.root,
             stdout=self._log(f"api-{port}.log"),
             stderr=subprocess.STDOUT,
         )
+        track(proc)
         wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         if index is None:
             self.apis.append((proc, port))
@@ -196,11 +264,13 @@ class Stack:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "worker", "--queues", queues, *args],
             preexec_fn=parent_death_signal(),
+            start_new_session=True,
             env=self.env,
             cwd=self.root,
             stdout=self._log(f"worker-{len(self.workers)}.log"),
             stderr=subprocess.STDOUT,
         )
+        track(proc)
         self.workers.append(proc)
         return proc
 
@@ -231,7 +301,8 @@ class Stack:
         db = Database(self.database_url)
         try:
             await db.create_schema()
-            return await accounts.create_user(db, name or f"u{time.monotonic_ns()}", credits)
+            key = self.env["ORCH_SECRET_KEY"]
+            return await accounts.create_user(db, name or f"u{time.monotonic_ns()}", credits, signing_key=key)
         finally:
             await db.dispose()
 
@@ -251,13 +322,43 @@ class Stack:
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process, give it 15 s, then SIGKILL it and everything it started (its group,
+    and its descendants: an RQ work horse runs in a session of its own and would otherwise go on
+    with a long job, orphaned, after its worker is killed)."""
+    family = set(descendants(proc.pid))
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
+            family.update(descendants(proc.pid))
             proc.kill()
             proc.wait(5)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            out.append(child)
+            frontier.append(child)
+    return out
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 30) -> None:

@@ -284,7 +284,9 @@ def test_dockerfile() -> None:
     assert lines[0] == "FROM python:3.11-slim"
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
-    assert re.search(r"pip install (--no-cache-dir )?\.(\s|$)", text)
+    # the hash-checked runtime lock, then the project alone (tests/test_install.py runs that install)
+    assert re.search(r"pip install --require-hashes -r requirements\.lock(\s|$)", text)
+    assert re.search(r"pip install --no-deps \.(\s|$)", text)
     assert lines[-1] == 'CMD ["orchestrator", "serve"]'
 
     copied = {part.rstrip("/") for line in lines if line.startswith("COPY ") for part in line.split()[1:-1]}

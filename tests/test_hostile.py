@@ -11,19 +11,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import sqlite3
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 from support import Api, Stack
 
+from orchestrator import accounts
 from orchestrator.auth import TOKEN_PREFIX, Tokens
+from orchestrator.errors import ValidationFailed
+from orchestrator.ssrf import check_url
+from orchestrator.web import MAX_FIELD_ERRORS
 
-STACK_ENV = {"ORCH_WEBHOOK_ALLOW_PRIVATE": "0"}
+STACK_ENV = {"ORCH_WEBHOOK_ALLOW_PRIVATE": "0", "ORCH_REDELIVER_RATE": "5/minute"}
 STACK_WORKERS = 1
 MIB = 1024 * 1024
 LIMIT = MIB  # the default body limit
@@ -755,9 +767,14 @@ async def test_webhook_urls_aimed_inside_are_refused_at_submit(stack: Stack, api
                 assert_error(status, err, 422, "WEBHOOK_URL_FORBIDDEN")
     soft.check()
     assert await state(api) == before
-    # the guard tells inside from outside: a public address is taken (nothing listens there)
+    # the guard tells inside from outside: a public address is taken (for an event this job
+    # never reaches, so nothing is ever sent off this machine)
     job = await api.submit(
-        "generate", {"seconds": 0, "ticks": 0}, type="sleep", webhookUrl="http://93.184.216.34:9/hook"
+        "generate",
+        {"seconds": 0, "ticks": 0},
+        type="sleep",
+        webhookUrl="http://93.184.216.34:9/hook",
+        webhookEvents=["timed_out"],
     )
     assert job["webhookUrl"] == "http://93.184.216.34:9/hook"
     # and the refused attempts left no idempotency record behind
@@ -765,6 +782,189 @@ async def test_webhook_urls_aimed_inside_are_refused_at_submit(stack: Stack, api
         "POST", "/api/generate", json={"type": "sleep", "input": {"seconds": 0}}, headers={"Idempotency-Key": "ssrf"}
     )
     assert status == 202, again
+
+
+BROKE_THE_PARSER = [
+    "http://a..b/",  # an empty label: UnicodeError from the idna codec in getaddrinfo
+    "http://" + "a" * 70 + ".com/",  # a label over 63 characters: the same
+    "http://[::1",  # ValueError from urlsplit
+    "http://[127.0.0.1]/",  # ValueError from urlsplit: IPv4 in brackets
+]
+
+
+async def test_webhook_urls_that_once_broke_the_parser_are_422(stack: Stack, api: Api):
+    before = await state(api)
+    soft = Soft()
+    for url in BROKE_THE_PARSER:
+        with soft.case(url):
+            body = {"type": "sleep", "input": {"seconds": 0}, "webhookUrl": url}
+            status, err, _ = await api.call("POST", "/api/generate", json=body)
+            assert_error(status, err, 422, {"VALIDATION_ERROR", "WEBHOOK_URL_FORBIDDEN"})
+    soft.check()
+    assert await state(api) == before
+    alive(stack)
+
+
+async def test_malformed_webhook_urls_are_422_even_when_private_addresses_are_allowed():
+    for url in ("http://[::1", "http://[127.0.0.1]/", "http://[::1]:99999/", "ftp://example.com/"):
+        with pytest.raises(ValidationFailed) as caught:
+            await check_url(url, allow_private=True)
+        assert caught.value.status == 422 and caught.value.code == "VALIDATION_ERROR", url
+
+
+def _verdict(url: str, allow_private: bool) -> str:
+    """What check_url answers: "ok" or the 422 code; anything else it raises fails the test."""
+    try:
+        asyncio.run(check_url(url, allow_private))
+    except ValidationFailed as exc:
+        assert exc.status == 422, exc
+        return exc.code
+    return "ok"
+
+
+PIECES = st.one_of(
+    st.characters(codec="utf-8"),
+    st.just("\udcff"),
+    st.sampled_from([*":/[]@%.?#\\\x00 -_", "xn--", "::", "%25", "[::1]", "127.0.0.1", "..", "\u3002"]),
+)
+"""Pieces parsers trip on: separators, brackets, NUL, a lone surrogate, punycode, ideographic dot."""
+
+
+def texts(max_pieces: int) -> st.SearchStrategy[str]:
+    return st.lists(PIECES, max_size=max_pieces).map("".join)
+
+
+SCHEMES = st.sampled_from(["http://", "https://", "HTTP://", "http:", "http:///", "ftp://", ""])
+ANY_URL = st.one_of(texts(60), st.builds(lambda a, b, c: a + b + c, SCHEMES, texts(40), texts(20)))
+"""Arbitrary strings, and scheme + host-ish + tail built from those pieces."""
+IP_HOSTS = st.one_of(
+    st.ip_addresses().map(lambda ip: f"[{ip}]" if ip.version == 6 else str(ip)),
+    st.integers(0, 2**32 - 1).map(str),
+)
+BAD_LABELS = st.one_of(
+    st.text(st.sampled_from("ab-"), min_size=64, max_size=100),
+    st.just(""),
+    st.text(st.sampled_from("ab."), max_size=10).map(lambda t: t + ".."),
+)
+NO_LOOKUP_HOSTS = st.one_of(IP_HOSTS, st.builds(lambda a, b: a + "." + b + ".invalid", BAD_LABELS, BAD_LABELS))
+"""Hosts refused or judged before any DNS query: IP literals and names the idna codec rejects."""
+
+
+@hypothesis.settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@hypothesis.given(ANY_URL)
+def test_check_url_answers_a_verdict_or_422_for_any_string_when_private_is_allowed(url: str):
+    """With private addresses allowed nothing is resolved: this is the syntax check alone."""
+    assert _verdict(url, allow_private=True) in {"ok", "VALIDATION_ERROR", "WEBHOOK_URL_FORBIDDEN"}
+
+
+@hypothesis.settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@hypothesis.given(
+    SCHEMES, NO_LOOKUP_HOSTS, st.one_of(st.just(""), st.integers(-5, 70000).map(lambda p: f":{p}")), texts(20)
+)
+def test_check_url_answers_a_verdict_or_422_for_hosts_that_need_no_lookup(scheme: str, host: str, port: str, tail: str):
+    verdict = _verdict(scheme + host + port + "/" + tail, allow_private=False)
+    assert verdict in {"ok", "VALIDATION_ERROR", "WEBHOOK_URL_FORBIDDEN"}
+
+
+# ---- error bodies --------------------------------------------------------------------------------
+
+
+async def test_a_body_of_70000_unknown_keys_gets_a_small_422(stack: Stack, api: Api):
+    before = await state(api)
+    body = {"type": "sleep", "input": {f"k{i}": 0 for i in range(70_000)}}
+    raw_body = json.dumps(body).encode()
+    assert len(raw_body) <= LIMIT
+    length = (b"Content-Length", str(len(raw_body)).encode())
+    r = await raw(stack, "POST", "/api/generate", [bearer(api.key), JSON, length], [raw_body])
+    assert_raw_error(r, 422, "VALIDATION_ERROR")
+    assert len(r.body) < 64 * 1024, len(r.body)
+    details = r.json()["error"]["details"]
+    assert len(details) == MAX_FIELD_ERRORS + 1, len(details)
+    assert details[0]["field"].startswith("input.k") and "70000 more" not in details[0]["message"]
+    assert details[-1]["field"] == "(more)" and details[-1]["message"].startswith(str(70_000 - MAX_FIELD_ERRORS))
+    assert await state(api) == before
+
+
+async def test_a_long_unknown_key_is_clipped_in_the_422(stack: Stack, api: Api):
+    key = "k" * 500_000
+    status, err, _ = await api.call("POST", "/api/generate", json={"type": "sleep", "input": {key: 0}})
+    assert_error(status, err, 422, "VALIDATION_ERROR")
+    assert len(json.dumps(err)) < 4096, len(json.dumps(err))
+
+
+# ---- redelivery ----------------------------------------------------------------------------------
+
+
+async def test_redeliver_is_rate_limited_per_user(stack: Stack, api: Api, http: aiohttp.ClientSession):
+    """ORCH_REDELIVER_RATE is 5/minute here: each call counts (even for an unknown delivery),
+    the sixth is 429 with Retry-After, and another user is not held back."""
+    job = await api.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep")
+    path = f"/api/jobs/{job['jobId']}/deliveries/msg_nothing/redeliver"
+    for _ in range(5):
+        status, err, _ = await api.call("POST", path)
+        assert_error(status, err, 404, "NOT_FOUND")
+    status, err, headers = await api.call("POST", path)
+    assert_error(status, err, 429, "RATE_LIMITED")
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    other = Api(http, stack.url, (await stack.user(credits=10)).api_key)
+    other_job = await other.submit("generate", {"seconds": 0, "ticks": 0}, type="sleep")
+    status, err, _ = await other.call("POST", f"/api/jobs/{other_job['jobId']}/deliveries/msg_nothing/redeliver")
+    assert_error(status, err, 404, "NOT_FOUND")
+
+
+# ---- the command line and the data dir -----------------------------------------------------------
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_a_negative_zero_or_huge_top_up_is_refused_with_exit_2(stack: Stack, http: aiohttp.ClientSession):
+    user = await stack.user(credits=50)
+    api = Api(http, stack.url, user.api_key)
+    before = await state(api)
+    soft = Soft()
+    for amount in ("-1000", "0", "1" * 20, str(10**12 + 1), "abc", "1e3", "9" * 5000):
+        with soft.case(amount):
+            done = cli(stack.env, "users", "credit", user.name, amount)
+            assert done.returncode == 2, (done.returncode, done.stdout, done.stderr[-500:])
+            assert "credits must be" in done.stderr or "whole number" in done.stderr, done.stderr[-500:]
+            assert "Traceback" not in done.stderr, done.stderr[-500:]
+    soft.check()
+    assert await state(api) == before
+    for amount in (-1000, 0, 10**20):
+        with pytest.raises(ValidationFailed):
+            await accounts.add_credits(stack.db(), user.name, amount)
+    assert await state(api) == before
+    done = cli(stack.env, "users", "credit", user.name, "25")
+    assert done.returncode == 0, done.stderr
+    status, me, _ = await api.call("GET", "/api/me")
+    assert status == 200 and me["credits"] == 75
+    status, ledger, _ = await api.call("GET", "/api/me/ledger")
+    assert status == 200 and sum(e["delta"] for e in ledger["entries"]) == 75
+
+
+def test_data_dir_key_and_database_are_private_and_webhook_secrets_sealed(tmp_path: Path):
+    """A fresh data dir is 0700, secret.key and the SQLite file 0600; the webhook secret printed
+    once is not what the database holds (nor anywhere in its files)."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ORCH_SECRET_KEY", "REDIS_URL")}
+    env["ORCH_DATA_DIR"] = str(data)
+    done = cli(env, "users", "create", "alice", "--credits", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)
+    assert created["webhookSecret"].startswith("whsec_")
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("secret.key", "orchestrator.db"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    with sqlite3.connect(data / "orchestrator.db") as conn:
+        (stored,) = conn.execute("SELECT webhook_secret FROM users WHERE name = 'alice'").fetchone()
+    assert stored.startswith("enc1:") and created["webhookSecret"] not in stored
+    for f in data.iterdir():
+        if f.is_file():
+            assert created["webhookSecret"].encode() not in f.read_bytes(), f
 
 
 async def test_the_process_survived_all_of_it(stack: Stack):

@@ -31,7 +31,11 @@ from support import Api, Stack
 from orchestrator import openapi
 from orchestrator.redis_server import free_port
 
-STACK_ENV = {"ORCH_SUBMIT_RATE": "100000/minute", "ORCH_WEBHOOK_RETRY_SCHEDULE": "3600"}
+STACK_ENV = {
+    "ORCH_SUBMIT_RATE": "100000/minute",
+    "ORCH_REDELIVER_RATE": "100000/minute",
+    "ORCH_WEBHOOK_RETRY_SCHEDULE": "3600",
+}
 STACK_WORKERS = 1
 MAX_EXAMPLES = 30
 
@@ -211,6 +215,66 @@ def test_api(case: schemathesis.Case, stack: Stack, key: str) -> None:
     case.validate_response(response, checks=CHECKS)
     RAN[case.operation.label] += 1
     STATUSES[case.operation.label][response.status_code] += 1
+
+
+# ---- stateful: the OpenAPI links from a submit's jobId to the job's routes -----------------------
+
+SUBMITTED: set[str] = set()
+"""Job ids that submits made during the stateful run answered with."""
+FOLLOWED: collections.Counter[str] = collections.Counter()
+"""Operations called with one of those ids (only a followed link can give them one)."""
+
+
+STATEFUL = schema.exclude(path_regex=r"/stream$")
+"""The stream of a live job stays open until the job ends: the state machine never opens one."""
+
+
+class JobWorkflow(STATEFUL.as_state_machine()):  # type: ignore[misc]
+    """Submit, then follow `links` from the 202's jobId: get, status, events, deliveries, cancel;
+    every response gets the same checks as test_api."""
+
+    base_url = ""
+    key = ""
+
+    def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+        return {"base_url": self.base_url, "headers": {"Authorization": f"Bearer {self.key}"}, "timeout": 30}
+
+    def before_call(self, case: schemathesis.Case) -> None:
+        # a long-poll on a live job would wait out its waitSeconds: read at once instead
+        if case.query and "waitSeconds" in case.query:
+            case.query = {k: v for k, v in case.query.items() if k != "waitSeconds"}
+
+    def after_call(self, response: Any, case: schemathesis.Case) -> None:
+        job_id = (case.path_parameters or {}).get("jobId")
+        if job_id in SUBMITTED:
+            FOLLOWED[case.operation.label] += 1
+        if case.operation.label in VALID_BODIES and response.status_code == 202:
+            SUBMITTED.add(response.json()["jobId"])
+
+    def validate_response(self, response: Any, case: schemathesis.Case, *args: Any, **kwargs: Any) -> None:
+        case.validate_response(response, checks=CHECKS)
+
+
+def test_stateful_links_from_submit_to_the_job_routes(stack: Stack, key: str) -> None:
+    JobWorkflow.base_url, JobWorkflow.key = stack.url, key
+    JobWorkflow.run(
+        settings=hypothesis.settings(
+            max_examples=40,
+            stateful_step_count=6,
+            deadline=None,
+            derandomize=True,
+            # a live server is not replayable: report the first failure as it happened, unshrunk
+            phases=[hypothesis.Phase.generate],
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+    )
+    print(f"\nstateful: {len(SUBMITTED)} jobs submitted; calls through links: {dict(FOLLOWED)}")
+    assert SUBMITTED, "no submit succeeded in the stateful run"
+    reached = set(FOLLOWED)
+    assert "GET /api/jobs/{jobId}" in reached, FOLLOWED
+    assert len(reached) >= 3, FOLLOWED
+    assert healthy(stack)
 
 
 def test_the_checks_bite(stack: Stack, key: str) -> None:
