@@ -138,20 +138,54 @@ async def test_slow_consumer_is_disconnected_and_others_are_not_delayed(stack: S
 
 
 async def test_overflowing_connection_closes_with_1013():
-    """The gateway's rule itself: a full outbox closes that socket with 1013 (try again later)."""
+    """The gateway's rule itself: a backlog past the outbox size closes that socket with 1013
+    (try again later), and a socket whose buffer has room gets its messages at once, in order."""
     from ws_gateway.websocket import Connection
 
     class FakeWs:
+        closed = False
         closed_with: int | None = None
 
         async def close(self, code: int, message: bytes = b"") -> bool:
-            self.closed_with = code
+            self.closed, self.closed_with = True, code
             return True
 
-    fake = FakeWs()
-    conn = Connection(fake, hub=None, user=None, max_subs=1, outbox=3)  # type: ignore[arg-type]
+    class FakeTransport:
+        def __init__(self, room: int) -> None:
+            self.room, self.written = room, []  # type: ignore[var-annotated]
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return 0 if len(self.written) < self.room else 1 << 20
+
+        def get_write_buffer_limits(self) -> tuple[int, int]:
+            return (16384, 65536)
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+    class FakeWriter:
+        def __init__(self, room: int) -> None:
+            self.transport = FakeTransport(room)
+
+        async def drain(self) -> None:
+            await asyncio.Event().wait()  # the client never reads
+
+    roomy = FakeWriter(room=100)
+    conn = Connection(FakeWs(), hub=None, user=None, max_subs=1, outbox=3, writer=roomy)  # type: ignore[arg-type]
     for i in range(5):
         conn.send(f"m{i}")
+    assert [w[2:] for w in roomy.transport.written] == [f"m{i}".encode() for i in range(5)]
+    assert conn.backlog is None
+
+    fake, stuck = FakeWs(), FakeWriter(room=0)
+    conn = Connection(fake, hub=None, user=None, max_subs=1, outbox=3, writer=stuck)  # type: ignore[arg-type]
+    for i in range(3):
+        conn.send(f"m{i}")
+    assert conn.backlog is not None and len(conn.backlog) == 3 and not conn.overflowed
+    conn.send("m3")
     await asyncio.sleep(0)
     assert conn.overflowed and fake.closed_with == 1013
-    assert conn.outbox.qsize() == 3
+    assert stuck.transport.written == []
