@@ -19,7 +19,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from support import Stack  # noqa: E402  (tests/ is on the path now)
+from support import Postgres, Stack  # noqa: E402  (tests/ is on the path now)
 
 BENCH_ENV = {
     "ORCH_SUBMIT_RATE": "1000000/minute",
@@ -28,14 +28,31 @@ BENCH_ENV = {
 }
 
 
-def stack(root: Path, extra_env: dict[str, str] | None = None) -> Stack:
-    """A stack on SQLite in `root` (not started)."""
+class BenchStack(Stack):
+    """A Stack that also stops the Postgres cluster started for it."""
+
+    postgres: Postgres | None = None
+
+    def stop(self) -> None:
+        super().stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+
+def stack(root: Path, extra_env: dict[str, str] | None = None, db: str = "sqlite") -> BenchStack:
+    """A stack (not started) on SQLite in `root`, or with `db="postgres"` on a throwaway Postgres
+    cluster started now from the machine's binaries (stopped with the stack)."""
     env = dict(BENCH_ENV)
     env.update(extra_env or {})
     if os.environ.get("BENCH_PYTHONPATH"):
         # experiments: a sitecustomize.py in that dir is loaded by the API and worker processes
         env["PYTHONPATH"] = str(Path(os.environ["BENCH_PYTHONPATH"]).resolve())
-    return Stack(root, f"sqlite+aiosqlite:///{root / 'orchestrator.db'}", env)
+    if db == "postgres":
+        pg = Postgres(root / "pg").start()
+        st = BenchStack(root, pg.create_db("bench"), env)
+        st.postgres = pg
+        return st
+    return BenchStack(root, f"sqlite+aiosqlite:///{root / 'orchestrator.db'}", env)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
