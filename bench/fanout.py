@@ -155,9 +155,13 @@ async def _client(conn: Any, url: str, key: str, jobs: list[str], first: int, co
         job = jobs[i % total_jobs]
         try:
             async with sem:
-                ws = await session.ws_connect(
-                    f"{url}/ws?jobId={job}", headers={"Authorization": f"Bearer {key}"}, max_msg_size=0
-                )
+                # `key` is an API key (sent as a header) or a subscribe token (in the query, as browsers do)
+                if key.startswith("st_"):
+                    ws = await session.ws_connect(f"{url}/ws?jobId={job}&token={key}", max_msg_size=0)
+                else:
+                    ws = await session.ws_connect(
+                        f"{url}/ws?jobId={job}", headers={"Authorization": f"Bearer {key}"}, max_msg_size=0
+                    )
         except Exception:
             st["errors"] += 1
             return
@@ -614,7 +618,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rss_before = rss_mib(api_pid)
         gc0 = await api_gc_pauses(st.url)
         t = time.monotonic()
-        clients = Clients(args.client_procs, st.url, user.api_key, job_ids, n)
+        credential = user.api_key
+        if args.auth == "token":
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    st.url + "/api/tokens",
+                    json={"ttlSeconds": 3600},
+                    headers={"Authorization": f"Bearer {user.api_key}"},
+                ) as r,
+            ):
+                credential = (await r.json())["token"]
+        clients = Clients(args.client_procs, st.url, credential, job_ids, n)
         status = await asyncio.to_thread(clients.wait_subscribed, 60 if args.quick else 400)
         connect_s = time.monotonic() - t
         await asyncio.sleep(2)
@@ -771,6 +786,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "connectSeconds": round(connect_s, 1),
             **gcs,
             "db": args.db,
+            "auth": args.auth,
             "clientProcs": args.client_procs,
             "drivers": args.drivers,
             "seconds": duration,
@@ -807,6 +823,12 @@ def main() -> None:
     ap.add_argument("--sockets", type=int, default=0, help="sockets (default 1,000 quick, 10,000 full)")
     ap.add_argument("--jobs", type=int, default=0, help="jobs followed (default sockets / 10)")
     ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite", help="the store")
+    ap.add_argument(
+        "--auth",
+        choices=("token", "key"),
+        default="token",
+        help="sockets authenticate with one subscribe token (as browsers do) or the API key",
+    )
     ap.add_argument("--rate", type=float, default=1000.0, help="events per second asked of the drivers")
     ap.add_argument("--seconds", type=float, default=0.0, help="length of the measured load")
     ap.add_argument("--drivers", type=int, default=2, help="processes reporting events (like work horses)")

@@ -20,6 +20,7 @@ from orchestrator.routes import API_ROUTES
 from orchestrator.settings import Settings
 from orchestrator.web import CORE, core, errors_middleware, json_response
 from ws_gateway.access import ACCESS, Access
+from ws_gateway.collector import COLLECTOR
 from ws_gateway.hub import hub_ctx
 from ws_gateway.limits import SocketSlots
 from ws_gateway.websocket import SOCKET_SLOTS, SOCKETS, close_all_sockets, ws_handler
@@ -79,15 +80,17 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SOCKET_SLOTS] = slots
     app[ACCESS] = Access(c)
     heartbeat = asyncio.create_task(slots.heartbeat(), name="socket-slots")
+    collector = asyncio.create_task(COLLECTOR.run(), name="gc-policy")
     # everything loaded so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise walk it every time and stall every socket meanwhile
     gc.collect()
     gc.freeze()
     tune_gc()
     yield
-    heartbeat.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await heartbeat
+    for task in (heartbeat, collector):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await slots.forget()
     await c.close()
 

@@ -130,6 +130,8 @@ async def test_slow_consumer_is_disconnected_and_others_are_not_delayed(stack: S
                         disconnected = True
                 except OSError:
                     disconnected = True
+                await healthy.send_json({"type": "ping"})  # answered meanwhile (and its heartbeats too)
+                assert (await healthy.receive_json(timeout=10)) == {"type": "pong"}
             assert disconnected
             await healthy.send_json({"type": "ping"})
             assert (await healthy.receive_json(timeout=10)) == {"type": "pong"}
@@ -189,3 +191,28 @@ async def test_overflowing_connection_closes_with_1013():
     await asyncio.sleep(0)
     assert conn.overflowed and fake.closed_with == 1013
     assert stuck.transport.written == []
+
+
+def test_collector_freezes_what_sockets_keep_and_thaws_after_churn():
+    """Objects kept by new sockets leave the collector's sight; enough closed sockets bring
+    everything back for one full pass (ws_gateway.collector)."""
+    import gc
+
+    from ws_gateway.collector import MIN_THAW_SOCKETS, Collector
+
+    c = Collector()
+    before = gc.get_freeze_count()
+    try:
+        assert c.tick() is None  # nothing opened: nothing to do
+        for _ in range(3):
+            c.socket_opened()
+        kept = [[i] for i in range(1000)]  # what the sockets hold
+        assert c.tick() == "freeze"
+        assert gc.get_freeze_count() >= before + len(kept)
+        assert c.tick() is None
+        for _ in range(MIN_THAW_SOCKETS):
+            c.socket_closed()
+        assert c.tick() == "thaw"
+        assert c.closed == 0 and c.opened == 0
+    finally:
+        gc.unfreeze()

@@ -26,6 +26,7 @@ from orchestrator.auth import Principal
 from orchestrator.errors import ApiError, NotFound
 from orchestrator.web import core
 from ws_gateway.access import ACCESS
+from ws_gateway.collector import COLLECTOR
 from ws_gateway.hub import HUB, Hub
 from ws_gateway.limits import SocketSlots
 from ws_gateway.message import Message, ws_text_frame
@@ -235,6 +236,16 @@ class Connection:
             self._expiry.cancel()
 
 
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Cut the cycle a stored exception makes (its traceback's frames hold the socket), so a
+    closed socket is freed by reference counting, without a full collection (see ws_gateway.collector)."""
+    for _ in range(8):
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__context__ or exc.__cause__
+
+
 def _full(t: asyncio.WriteTransport) -> bool:
     """True when the transport's buffer is past its high-water mark (it has paused its writer)."""
     return t.get_write_buffer_size() > t.get_write_buffer_limits()[1]
@@ -260,6 +271,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         if reader.expires_at is not None:
             conn.expire_at(reader.expires_at)
         WS_CLIENTS.inc()
+        COLLECTOR.socket_opened()
         request.app[SOCKETS].add(ws)
         try:
             for job_id in request.query.getall("jobId", [])[: conn.max_subs]:
@@ -274,8 +286,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                     break
         finally:
             WS_CLIENTS.dec()
+            COLLECTOR.socket_closed()
             request.app[SOCKETS].discard(ws)
             conn.close_all()
+            _drop_tracebacks(ws.exception())
             flusher = conn._flusher
             if flusher is not None:
                 flusher.cancel()
