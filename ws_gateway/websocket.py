@@ -205,6 +205,10 @@ class Connection:
         except ApiError as exc:
             self.error(exc.code, exc.message, job_id)
             return
+        except Exception as exc:  # the database is slow or down: this subscription fails, not the socket
+            log.warning("reading job %s for a subscription failed: %s", job_id, exc)
+            self.error("UNAVAILABLE", "the job could not be read; try again", job_id)
+            return
         old = self.subs.pop(job_id, None)
         if old is not None:
             self.hub.unsubscribe(old)
