@@ -194,25 +194,29 @@ async def test_overflowing_connection_closes_with_1013():
 
 
 def test_collector_freezes_what_sockets_keep_and_thaws_after_churn():
-    """Objects kept by new sockets leave the collector's sight; enough closed sockets bring
-    everything back for one full pass (ws_gateway.collector)."""
+    """What new sockets keep leaves the collector's sight after the next young collection;
+    enough closed sockets bring everything back for one full pass (ws_gateway.collector)."""
     import gc
 
     from ws_gateway.collector import MIN_THAW_SOCKETS, Collector
 
     c = Collector()
     before = gc.get_freeze_count()
+    gc.callbacks.append(c.after_collection)
     try:
-        assert c.tick() is None  # nothing opened: nothing to do
+        gc.collect(1)
+        assert gc.get_freeze_count() == before  # nothing opened: nothing frozen
         for _ in range(3):
             c.socket_opened()
         kept = [[i] for i in range(1000)]  # what the sockets hold
-        assert c.tick() == "freeze"
+        gc.collect(1)
         assert gc.get_freeze_count() >= before + len(kept)
-        assert c.tick() is None
+        assert c.frozen == 3 and c.opened == 0
+        assert not c.thaw_if_due()
         for _ in range(MIN_THAW_SOCKETS):
             c.socket_closed()
-        assert c.tick() == "thaw"
-        assert c.closed == 0 and c.opened == 0
+        assert c.thaw_if_due()
+        assert c.closed == 0 and c.frozen == c.open
     finally:
+        gc.callbacks.remove(c.after_collection)
         gc.unfreeze()

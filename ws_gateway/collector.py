@@ -3,17 +3,20 @@
 CPython's full collections walk every tracked object, and each open socket is ~80 of them
 (aiohttp's protocol, transport, request, reader, writer, timers, our subscription): with
 10,000 sockets a full pass takes hundreds of milliseconds on a small machine, and every socket
-waits meanwhile. So what has lived a few seconds is frozen (`gc.freeze()`: kept out of every
-collection; reference counting still frees it): every `FREEZE_EVERY_S`, when sockets were opened
-since the last freeze, young garbage is collected (`gc.collect(1)`, cheap) and the survivors are
-frozen. Full collections then walk only what is young, whatever the number of sockets.
+waits meanwhile. So what sockets keep is frozen (`gc.freeze()`: kept out of every collection;
+reference counting still frees it): at the end of a collection of the young generations, when
+sockets were opened since the last freeze, whatever survived is frozen. At that moment the
+young generations are empty and their garbage was just collected, so only survivors are
+frozen, at no extra cost. Full collections then walk only what is young and unfrozen, whatever
+the number of sockets.
 
 The price: a closed aiohttp connection leaves reference cycles (~34 objects, measured) that only
 a full collection can free, and frozen objects are never collected. So once the sockets closed
 since the last thaw reach a quarter of those frozen (at least `MIN_THAW_SOCKETS`), or after
-`THAW_EVERY_S`, everything is thawed, collected in one pass and frozen again: one long pause per
-quarter of the sockets replaced, where CPython's own rule (a full pass each time long-lived
-objects grow by a quarter) pays it as they arrive, which is during a reconnecting crowd.
+`THAW_EVERY_S`, everything is thawed, collected in one pass and frozen again (checked every
+`CHECK_EVERY_S`): one long pause per quarter of the sockets replaced, where CPython's own rule
+(a full pass each time long-lived objects grow by a quarter) pays it as they arrive, which is
+during a reconnecting crowd.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import asyncio
 import gc
 import logging
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-FREEZE_EVERY_S = 2.0
+CHECK_EVERY_S = 2.0
 MIN_THAW_SOCKETS = 1000
 THAW_EVERY_S = 3600.0
 
@@ -49,8 +53,14 @@ class Collector:
         self.open -= 1
         self.closed += 1
 
-    def tick(self) -> str | None:
-        """Freeze or thaw if due; says which."""
+    def after_collection(self, phase: str, info: dict[str, Any]) -> None:
+        """gc callback: freeze the survivors of a young collection when sockets were opened."""
+        if phase == "stop" and info.get("generation", 0) >= 1 and self.opened:
+            gc.freeze()
+            self.frozen += self.opened
+            self.opened = 0
+
+    def thaw_if_due(self) -> bool:
         if self.closed >= max(MIN_THAW_SOCKETS, self.frozen // 4) or (
             time.monotonic() - self.thawed_at > THAW_EVERY_S and self.frozen
         ):
@@ -59,22 +69,21 @@ class Collector:
             gc.freeze()
             self.frozen, self.opened, self.closed = self.open, 0, 0
             self.thawed_at = time.monotonic()
-            return "thaw"
-        if self.opened:
-            gc.collect(1)
-            gc.freeze()
-            self.frozen += self.opened
-            self.opened = 0
-            return "freeze"
-        return None
+            return True
+        return False
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(FREEZE_EVERY_S)
-            try:
-                self.tick()
-            except Exception:  # never let the policy stop the process
-                log.exception("garbage collection policy failed")
+        if self.after_collection not in gc.callbacks:
+            gc.callbacks.append(self.after_collection)
+        try:
+            while True:
+                await asyncio.sleep(CHECK_EVERY_S)
+                try:
+                    self.thaw_if_due()
+                except Exception:  # never let the policy stop the process
+                    log.exception("garbage collection policy failed")
+        finally:
+            gc.callbacks.remove(self.after_collection)
 
 
 COLLECTOR = Collector()

@@ -68,7 +68,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
             await resp.write_eof()
         return resp
     finally:
-        await slots.release(user.user_id)
+        slots.release(user.user_id)
 
 
 async def _follow(request: web.Request, resp: web.StreamResponse, job_id: str, since: int) -> None:

@@ -301,7 +301,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                     await flusher
         return ws
     finally:
-        await slots.release(user.user_id)
+        slots.release(user.user_id)
 
 
 async def close_all_sockets(app: web.Application) -> None:
