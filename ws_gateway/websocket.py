@@ -230,7 +230,15 @@ class Connection:
         self.error("TOKEN_EXPIRED", "the subscribe token has expired; reconnect with a new one")
         WS_TALLY.flush()
         self.close_all()
-        self._closing = asyncio.ensure_future(self.ws.close(code=TOKEN_EXPIRED, message=b"token expired"))
+        self._closing = asyncio.ensure_future(self._close_after_backlog(TOKEN_EXPIRED, b"token expired"))
+
+    async def _close_after_backlog(self, code: int, message: bytes) -> bool:
+        """Close once what is queued (the last error included) is written, or after 5 s."""
+        flusher = self._flusher
+        if flusher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(flusher), 5)
+        return await self.ws.close(code=code, message=message)
 
     def close_all(self) -> None:
         for sub in self.subs.values():
