@@ -549,25 +549,41 @@ async def real_worker_rate(st: Any, key: str, seconds: float, ticks: int) -> dic
 # ---- the run -------------------------------------------------------------------------------------------
 
 
-async def api_gc_pauses(url: str) -> dict[float, float]:
-    """The API process's garbage-collection pauses so far: upper bound (s) → pauses at most that long."""
+async def api_gc_pauses(url: str) -> dict[tuple[str, float], float]:
+    """The API process's garbage-collection pauses so far: (generation, upper bound in s) → pauses
+    of that generation at most that long."""
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
         text = await r.text()
-    out: dict[float, float] = defaultdict(float)
-    for m in re.finditer(r'^orchestrator_gc_pause_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$', text, re.M):
-        out[float(m.group(1))] += float(m.group(2))
+    out: dict[tuple[str, float], float] = {}
+    pattern = r'^orchestrator_gc_pause_seconds_bucket\{generation="(\d)",le="([^"]+)"\} (\S+)$'
+    for m in re.finditer(pattern, text, re.M):
+        out[(m.group(1), float(m.group(2)))] = float(m.group(3))
     return out
 
 
-def gc_summary(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
-    """Pauses between two readings: how many, how many over 10 ms, and the bound of the longest."""
-    delta = {le: after.get(le, 0.0) - before.get(le, 0.0) for le in after}
-    total = delta.get(float("inf"), 0.0)
-    longest = min((le for le, n in delta.items() if n >= total), default=0.0)
+def gc_summary(before: dict[tuple[str, float], float], after: dict[tuple[str, float], float]) -> dict[str, Any]:
+    """Pauses between two readings: how many, how many over 10 ms, and the bound of the longest
+    (in all, and per generation)."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+    def longest(gens: set[str]) -> float | None:
+        per_le: dict[float, float] = defaultdict(float)
+        for (g, le), n in delta.items():
+            if g in gens:
+                per_le[le] += n
+        total = per_le.get(float("inf"), 0.0)
+        if not total:
+            return 0.0
+        bound = min(le for le, n in per_le.items() if n >= total)
+        return None if bound == float("inf") else round(bound * 1000, 1)
+
+    total = sum(n for (_, le), n in delta.items() if le == float("inf"))
+    within = sum(n for (_, le), n in delta.items() if le == 0.01)
     return {
         "apiGcPauses": int(total),
-        "apiGcPausesOver10Ms": int(total - delta.get(0.01, 0.0)),
-        "apiGcMaxMsAtMost": None if longest == float("inf") else round(longest * 1000, 1),
+        "apiGcPausesOver10Ms": int(total - within),
+        "apiGcMaxMsAtMost": longest({"0", "1", "2"}),
+        "apiGcMaxMsAtMostByGeneration": {g: longest({g}) for g in ("0", "1", "2")},
     }
 
 
@@ -708,7 +724,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         gcs = gc_summary(gc0, await api_gc_pauses(st.url))
         print(
             f"API garbage collection while holding the sockets: {gcs['apiGcPauses']} pauses, "
-            f"{gcs['apiGcPausesOver10Ms']} over 10 ms, the longest at most {gcs['apiGcMaxMsAtMost']} ms",
+            f"{gcs['apiGcPausesOver10Ms']} over 10 ms, the longest at most {gcs['apiGcMaxMsAtMost']} ms "
+            f"(by generation: {gcs['apiGcMaxMsAtMostByGeneration']})",
             flush=True,
         )
         if dprof:
