@@ -28,31 +28,46 @@ BENCH_ENV = {
 }
 
 
-class BenchStack(Stack):
-    """A Stack that also stops the Postgres cluster started for it."""
+class BenchDatabase:
+    """The database a benchmark runs on: SQLite in `root`, or a throwaway Postgres 15 cluster
+    started from the machine's binaries (as tests/support.py does)."""
 
-    postgres: Postgres | None = None
+    def __init__(self, root: Path, kind: str = "sqlite") -> None:
+        self.kind = kind
+        self.pg: Postgres | None = None
+        if kind == "postgres":
+            self.pg = Postgres(root / "pg").start()
+            self.url = self.pg.create_db("bench")
+        elif kind == "sqlite":
+            self.url = f"sqlite+aiosqlite:///{root / 'orchestrator.db'}"
+        else:
+            raise SystemExit(f"--db must be sqlite or postgres, not {kind!r}")
+
+    async def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query (a fresh engine each time: benchmarks poll rarely)."""
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(self.url)
+        try:
+            async with engine.connect() as conn:
+                return [tuple(r) for r in (await conn.execute(text(sql), params or {})).all()]
+        finally:
+            await engine.dispose()
 
     def stop(self) -> None:
-        super().stop()
-        if self.postgres is not None:
-            self.postgres.stop()
+        if self.pg is not None:
+            self.pg.stop()
 
 
-def stack(root: Path, extra_env: dict[str, str] | None = None, db: str = "sqlite") -> BenchStack:
-    """A stack (not started) on SQLite in `root`, or with `db="postgres"` on a throwaway Postgres
-    cluster started now from the machine's binaries (stopped with the stack)."""
+def stack(root: Path, extra_env: dict[str, str] | None = None, database_url: str | None = None) -> Stack:
+    """A stack in `root` (not started), on SQLite there unless `database_url` is given."""
     env = dict(BENCH_ENV)
     env.update(extra_env or {})
     if os.environ.get("BENCH_PYTHONPATH"):
         # experiments: a sitecustomize.py in that dir is loaded by the API and worker processes
         env["PYTHONPATH"] = str(Path(os.environ["BENCH_PYTHONPATH"]).resolve())
-    if db == "postgres":
-        pg = Postgres(root / "pg").start()
-        st = BenchStack(root, pg.create_db("bench"), env)
-        st.postgres = pg
-        return st
-    return BenchStack(root, f"sqlite+aiosqlite:///{root / 'orchestrator.db'}", env)
+    return Stack(root, database_url or f"sqlite+aiosqlite:///{root / 'orchestrator.db'}", env)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -86,6 +101,23 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and all its descendants, living or reaped (cutime/cstime count
+    the children it has waited for: forked work horses, restarted worker children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+        except OSError:
+            continue
+        total += sum(tree_cpu_seconds(int(c)) for c in children)
+    return total
 
 
 def machine_notes() -> dict[str, Any]:

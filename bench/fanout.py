@@ -44,7 +44,17 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from benchlib import PySpy, attribute_ours, cpu_seconds, machine_notes, percentile, raise_nofile, rss_mib, stack
+from benchlib import (
+    BenchDatabase,
+    PySpy,
+    attribute_ours,
+    cpu_seconds,
+    machine_notes,
+    percentile,
+    raise_nofile,
+    rss_mib,
+    stack,
+)
 from jobs import submit_many, wait_workers
 
 CTX = mp.get_context("spawn")
@@ -605,8 +615,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-fanout-")
     root = Path(tmp.name)
+    database = BenchDatabase(root, args.db)
     # No sweeper during the run: the drivers' jobs have no RQ attempt running and would be "lost".
-    st = stack(root, {"ORCH_SWEEP_INTERVAL": "3600", "ORCH_REQUEUE_AFTER": "1000000"}, args.db)
+    st = stack(root, {"ORCH_SWEEP_INTERVAL": "3600", "ORCH_REQUEUE_AFTER": "1000000"}, database.url)
     clients: Clients | None = None
     drivers: Drivers | None = None
     base: Any = None
@@ -824,6 +835,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if base.is_alive():
                 base.kill()
         st.stop()
+        database.stop()
         tmp.cleanup()
     return out
 

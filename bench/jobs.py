@@ -13,8 +13,13 @@ one run measures:
 (c) end to end: 2 `orchestrator worker` processes; the same 32 clients submit N sleep jobs and we
     wait until every one is `completed` (read from SQLite every 0.1 s, read-only);
     rate = N / (last finishedAt - first submit);
-(d) 2 bare `rq.Worker` processes (fork per job, like ours) draining N no-op jobs:
-    rate = N / (last ended_at - first enqueue).
+(d) 2 bare RQ workers of the class ours derives from (`SimpleWorker` for our warm workers, `Worker`
+    for a fork per job) draining N no-op jobs: rate = N / (last ended_at - first enqueue).
+
+(c) and (d) also report CPU seconds per job of the worker process trees (`workerCpuMsPerJob`,
+`baselineWorkerCpuMsPerJob`), and (c) the API's (`apiCpuMsPerJob`).
+
+`--db postgres` runs the stack on a throwaway Postgres 15 cluster instead of SQLite.
 
 The last line printed is one JSON object with the figures.
 """
@@ -23,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,7 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from benchlib import ROOT, PySpy, attribute_ours, machine_notes, percentile, stack, thread_cpu, thread_cpu_delta
+from benchlib import (
+    ROOT,
+    BenchDatabase,
+    PySpy,
+    attribute_ours,
+    machine_notes,
+    percentile,
+    stack,
+    thread_cpu,
+    thread_cpu_delta,
+    tree_cpu_seconds,
+)
 from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job as RQJob
@@ -114,11 +128,22 @@ def bare_enqueue(redis_url: str, queue: str, n: int) -> dict[str, Any]:
     }
 
 
-def start_bare_workers(redis_url: str, count: int, root: Path) -> list[subprocess.Popen[bytes]]:
+def our_worker_class() -> str:
+    """The RQ worker class ours derives from (`SimpleWorker`: jobs in the worker's own process, or
+    `Worker`: a forked work horse per job), so the baseline runs the same class."""
+    from rq import SimpleWorker
+
+    from queues import worker as worker_mod
+
+    ours = getattr(worker_mod, "OrchestratorWorker", None)
+    return "SimpleWorker" if isinstance(ours, type) and issubclass(ours, SimpleWorker) else "Worker"
+
+
+def start_bare_workers(redis_url: str, count: int, root: Path, cls: str) -> list[subprocess.Popen[bytes]]:
     code = (
-        "import sys; from redis import Redis; from rq import Queue, Worker; "
+        f"import sys; from redis import Redis; from rq import Queue, {cls}; "
         "c = Redis.from_url(sys.argv[1]); "
-        f"Worker([Queue({NOOP_QUEUE!r}, connection=c)], connection=c).work(logging_level='WARNING')"
+        f"{cls}([Queue({NOOP_QUEUE!r}, connection=c)], connection=c).work(logging_level='WARNING')"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT / "bench"))
     procs = []
@@ -175,57 +200,39 @@ def bare_e2e(redis_url: str, n: int, deadline_s: float) -> dict[str, Any]:
     }
 
 
-# ---- (c) completion, read from SQLite -------------------------------------------------------------
+# ---- (c) completion, read from the database ------------------------------------------------------
 
 
-def db_counts(db_path: Path, user_id: str) -> tuple[int, int]:
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    try:
-        q = "SELECT count(*) FROM jobs WHERE user_id = ? AND status IN ({})".format(",".join("?" * len(FINAL)))
-        final = con.execute(q, (user_id, *FINAL)).fetchone()[0]
-        completed = con.execute(
-            "SELECT count(*) FROM jobs WHERE user_id = ? AND status = 'completed'", (user_id,)
-        ).fetchone()[0]
-        return int(final), int(completed)
-    finally:
-        con.close()
+async def db_counts(db: BenchDatabase, user_id: str) -> tuple[int, int]:
+    rows = await db.rows(
+        "SELECT status, count(*) FROM jobs WHERE user_id = :u GROUP BY status",
+        {"u": user_id},
+    )
+    by = {str(r[0]): int(r[1]) for r in rows}
+    return sum(by.get(s, 0) for s in FINAL), by.get("completed", 0)
 
 
-def db_timings(db_path: Path, user_id: str) -> tuple[float, float, list[float]]:
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    try:
-        rows = con.execute(
-            "SELECT created_at, started_at, finished_at FROM jobs WHERE user_id = ? AND status = 'completed'",
-            (user_id,),
-        ).fetchall()
-    finally:
-        con.close()
+async def db_timings(db: BenchDatabase, user_id: str) -> tuple[float, float, list[float]]:
+    rows = await db.rows(
+        "SELECT created_at, started_at, finished_at FROM jobs WHERE user_id = :u AND status = 'completed'",
+        {"u": user_id},
+    )
     first = min(r[0] for r in rows)
     last = max(r[2] for r in rows)
     return first, last, [(r[2] - r[0]) * 1000 for r in rows]
 
 
-def table_name(db_path: Path) -> None:
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    try:
-        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    finally:
-        con.close()
-    if "jobs" not in names:
-        raise SystemExit(f"no `jobs` table in {db_path} (tables: {sorted(names)})")
-
-
-async def e2e(stack_url: str, key: str, user_id: str, db_path: Path, n: int, deadline_s: float) -> dict[str, Any]:
+async def e2e(stack_url: str, key: str, user_id: str, db: BenchDatabase, n: int, deadline_s: float) -> dict[str, Any]:
     t0 = time.time()
     sub = await submit_many(stack_url, key, n, deadline_s=deadline_s)
     deadline = time.monotonic() + deadline_s
     final = completed = 0
     while time.monotonic() < deadline:
-        final, completed = await asyncio.to_thread(db_counts, db_path, user_id)
+        final, completed = await db_counts(db, user_id)
         if final >= sub["n"]:
             break
         await asyncio.sleep(0.1)
-    _first, last, lat = await asyncio.to_thread(db_timings, db_path, user_id)
+    _first, last, lat = await db_timings(db, user_id)
     return {
         "n": completed,
         "final": final,
@@ -243,21 +250,21 @@ async def e2e(stack_url: str, key: str, user_id: str, db_path: Path, n: int, dea
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     n_submit = args.submits or (1500 if quick else 8000)
-    n_e2e = args.jobs or (150 if quick else 1000)
-    e2e_deadline = 25 if quick else 240
+    n_e2e = args.jobs or (300 if quick else 2000)
+    e2e_deadline = 60 if quick else 240
     tmp = tempfile.TemporaryDirectory(prefix="bench-jobs-")
     root = Path(tmp.name)
+    db = BenchDatabase(root, args.db)
     # No re-enqueue of the jobs of (a), which we drop from RQ before (c).
-    st = stack(root, {"ORCH_REQUEUE_AFTER": "1000000"})
+    st = stack(root, {"ORCH_REQUEUE_AFTER": "1000000"}, db.url)
     bare: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {}
+    worker_cls = our_worker_class()
     try:
         # In this (main) thread: the children die with the thread that started them (PR_SET_PDEATHSIG).
         st.start(0, 1)
         assert st.redis is not None
         redis_url = st.redis.url
-        db_path = root / "orchestrator.db"
-        table_name(db_path)
         api_pid = st.apis[0][0].pid
         u_submit = await st.user(credits=10**9, name="bench-submit")
         u_e2e = await st.user(credits=10**9, name="bench-e2e")
@@ -286,23 +293,37 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(2):
             st.start_worker()
         await asyncio.to_thread(wait_workers, redis_url, 2, "generate")
-        c = await e2e(st.url, u_e2e.api_key, u_e2e.user_id, db_path, n_e2e, e2e_deadline)
+        worker_pids = [p.pid for p in st.workers]
+        cpu0 = sum(tree_cpu_seconds(p) for p in worker_pids)
+        api_cpu0 = tree_cpu_seconds(api_pid)
+        spy = PySpy(worker_pids[0], root / "worker.txt", subprocesses=True, rate=250) if args.profile else None
+        c = await e2e(st.url, u_e2e.api_key, u_e2e.user_id, db, n_e2e, e2e_deadline)
+        worker_cpu = sum(tree_cpu_seconds(p) for p in worker_pids) - cpu0
+        api_cpu = tree_cpu_seconds(api_pid) - api_cpu0
+        c_ms = 1000 * worker_cpu / max(1, c["n"])
         print(
             f"(c) end to end, 2 orchestrator workers: {c['n']}/{n_e2e} completed in {c['seconds']:.2f} s = "
-            f"{c['perSec']:.1f}/s (submit->completed p50 {c['latencyP50Ms']:.0f} ms)",
+            f"{c['perSec']:.1f}/s (submit->completed p50 {c['latencyP50Ms']:.0f} ms); "
+            f"worker CPU {c_ms:.2f} ms/job, API CPU {1000 * api_cpu / max(1, c['n']):.2f} ms/job",
             flush=True,
         )
+        if spy is not None and (path := spy.stop()):
+            print("\nprofile: an orchestrator worker during (c)")
+            print(attribute_ours(path, top=16))
         rq_perf = horse_times(conn, "generate")
         await asyncio.to_thread(stop_procs, st.workers)
         st.workers.clear()
 
         # (d) bare RQ workers, same class and count, no-op jobs
-        bare = start_bare_workers(redis_url, 2, root)
+        bare = start_bare_workers(redis_url, 2, root, worker_cls)
         await asyncio.to_thread(wait_workers, redis_url, 2, NOOP_QUEUE)
+        bcpu0 = sum(tree_cpu_seconds(p.pid) for p in bare)
         d = await asyncio.to_thread(bare_e2e, redis_url, n_e2e, e2e_deadline)
+        d_ms = 1000 * (sum(tree_cpu_seconds(p.pid) for p in bare) - bcpu0) / max(1, d["n"])
         print(
-            f"(d) bare rq.Worker x2 draining no-op jobs: {d['n']}/{n_e2e} in {d['seconds']:.2f} s = "
-            f"{d['perSec']:.1f}/s (horse perform p50 {d['performP50Ms']:.1f} ms; ours {rq_perf:.1f} ms)",
+            f"(d) bare rq.{worker_cls} x2 draining no-op jobs: {d['n']}/{n_e2e} in {d['seconds']:.2f} s = "
+            f"{d['perSec']:.1f}/s (perform p50 {d['performP50Ms']:.2f} ms; ours {rq_perf:.2f} ms); "
+            f"worker CPU {d_ms:.2f} ms/job",
             flush=True,
         )
         await asyncio.to_thread(stop_procs, bare)
@@ -318,21 +339,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "e2eBaselinePerSec": round(d["perSec"], 2),
             "e2eRatio": round(c["perSec"] / d["perSec"], 3),
             "e2eLatencyP50Ms": round(c["latencyP50Ms"], 1),
-            "horsePerformP50Ms": round(rq_perf, 1),
-            "baselineHorsePerformP50Ms": round(d["performP50Ms"], 1),
+            "horsePerformP50Ms": round(rq_perf, 2),
+            "baselineHorsePerformP50Ms": round(d["performP50Ms"], 2),
+            "workerCpuMsPerJob": round(c_ms, 2),
+            "baselineWorkerCpuMsPerJob": round(d_ms, 2),
+            "apiCpuMsPerJob": round(1000 * api_cpu / max(1, c["n"]), 2),
+            "workerClass": worker_cls,
+            "db": args.db,
             "submits": a["n"],
             "jobs": c["n"],
             "quick": quick,
             **machine_notes(),
         }
 
-        if args.keep:
-            (root / "keep").touch()
         if args.profile:
-            await profile(st, root, u_submit.api_key, redis_url, api_pid, quick)
+            await profile(st, root, u_submit.api_key, api_pid, quick, args.keep)
     finally:
         stop_procs(bare)
         st.stop()
+        db.stop()
         if args.keep:
             print(f"(kept {root})", file=sys.stderr)
         else:
@@ -341,16 +366,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def horse_times(conn: Redis, queue: str) -> float:
-    """Median time RQ saw each orchestrator job perform (work horse: import, start, run, complete)."""
+    """Median time RQ saw each orchestrator job perform (start, run, complete)."""
     reg = FinishedJobRegistry(queue, connection=conn)
     ids = reg.get_job_ids()
     jobs = [j for j in RQJob.fetch_many(ids, connection=conn) if j is not None and j.started_at and j.ended_at]
     return percentile([(j.ended_at - j.started_at).total_seconds() * 1000 for j in jobs], 50)
 
 
-async def profile(st: Any, root: Path, key: str, redis_url: str, api_pid: int, quick: bool) -> None:
-    """Where the time goes: the API under submit load (py-spy --gil, CPU per thread), and the
-    phases of one work horse (forked per job, as RQ does) against one warm runtime."""
+async def profile(st: Any, root: Path, key: str, api_pid: int, quick: bool, keep: bool) -> None:
+    """Where the API's time goes under submit load: py-spy --gil and CPU per thread."""
     env_dir = os.environ.get("BENCH_PROFILE_DIR")
     prof_dir = Path(env_dir) if env_dir else root / "profiles"
     prof_dir.mkdir(parents=True, exist_ok=True)
@@ -367,107 +391,12 @@ async def profile(st: Any, root: Path, key: str, redis_url: str, api_pid: int, q
             f"\nprofile: API, {clients} client(s): {r['perSec']:.0f}/s, "
             f"p50 {r['p50Ms']:.1f} ms, p99 {r['p99Ms']:.1f} ms;"
             f" API CPU per submit: event-loop thread {per['mainUser']:.2f} user + {per['mainSys']:.2f} sys ms,"
-            f" other threads (aiosqlite, to_thread) {per['otherUser']:.2f} + {per['otherSys']:.2f} ms"
+            f" other threads {per['otherUser']:.2f} + {per['otherSys']:.2f} ms"
         )
         if path:
             print(attribute_ours(path, top=16))
-    # one work horse, phase by phase
-    conn = Redis.from_url(redis_url)
-    u = await st.user(credits=10**6, name="bench-horse")
-    await submit_many(st.url, u.api_key, 60)
-    Queue("generate", connection=conn).empty()  # nobody runs them but the probe below
-    ids_file = root / "horse-ids.txt"
-    ids = await asyncio.to_thread(queued_ids, root / "orchestrator.db", u.user_id)
-    ids_file.write_text("\n".join(ids))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--horse-phases", str(ids_file), env=st.env, stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    print("\nprofile: one work horse, phases in ms (median), queues.runner's steps called one by one:")
-    print(out.decode().rstrip())
-    kept = env_dir or (root / "keep").exists()
+    kept = env_dir or keep
     print(f"(raw py-spy profiles in {prof_dir})" if kept else "(raw py-spy profiles: set BENCH_PROFILE_DIR or --keep)")
-
-
-def queued_ids(db_path: Path, user_id: str) -> list[str]:
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    try:
-        rows = con.execute("SELECT id FROM jobs WHERE user_id = ? AND status = 'queued'", (user_id,)).fetchall()
-    finally:
-        con.close()
-    return [r[0] for r in rows]
-
-
-def horse_phases(ids_file: Path) -> None:
-    """Run in a fresh process with the stack's environment: warm up like `orchestrator worker`
-    does before forking, then (1) fork per job as RQ does and (2) run jobs on one warm runtime,
-    timing each step the runner takes (runtime set-up, load, start, complete, close)."""
-    import statistics
-
-    from orchestrator.settings import Settings
-    from queues import worker as worker_mod
-    from queues.runner import _load
-    from queues.runtime import Runtime
-
-    settings = Settings()
-    preload = getattr(worker_mod, "_preload", None)
-    if preload is not None:
-        preload(settings)
-    ids = [i for i in ids_file.read_text().split() if i]
-    half = len(ids) // 2
-    names = ["runtime", "load", "start", "complete", "close", "cpu"]
-
-    def one(job_id: str, rt: Any = None) -> list[float]:
-        marks = [time.perf_counter()]
-        cpu0 = time.process_time()
-        own = rt is None
-        if own:
-            rt = Runtime(settings)
-        marks.append(time.perf_counter())
-        rt.run_sync(_load(rt, job_id))
-        marks.append(time.perf_counter())
-        job = rt.run_sync(rt.lifecycle.start(job_id, "worker:bench", "bench"))
-        marks.append(time.perf_counter())
-        rt.run_sync(
-            rt.lifecycle.complete(job_id, {"artifacts": [], "seconds": 0}, "worker:bench", attempt=job.attempts)
-        )
-        marks.append(time.perf_counter())
-        if own:
-            rt.close()
-        marks.append(time.perf_counter())
-        return [1000 * (b - a) for a, b in itertools.pairwise(marks)] + [1000 * (time.process_time() - cpu0)]
-
-    def in_child(fn: Any) -> list[list[float]]:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.write(w, json.dumps(fn()).encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        os.close(r)
-        os.waitpid(pid, 0)
-        return list(json.loads(data))
-
-    forked = [in_child(lambda j=j: [one(j)])[0] for j in ids[:half]]
-
-    def warm() -> list[list[float]]:
-        rt = Runtime(settings)
-        try:
-            return [one(j, rt) for j in ids[half:]][3:]
-        finally:
-            rt.close()
-
-    reused = in_child(warm)
-    for label, rows in (("forked horse per job (today)", forked), ("one warm runtime, reused", reused)):
-        med = {k: round(statistics.median(r[i] for r in rows), 1) for i, k in enumerate(names)}
-        total = round(sum(med[k] for k in names[:5]), 1)
-        print(f"  {label:30s} total {total:5.1f}  " + "  ".join(f"{k} {v}" for k, v in med.items()))
-    print("  (cpu = process CPU ms per job; the RQ fork and its Redis bookkeeping come on top)")
 
 
 def main() -> None:
@@ -477,11 +406,8 @@ def main() -> None:
     ap.add_argument("--submits", type=int, default=0, help="jobs submitted in (a) and enqueued in (b)")
     ap.add_argument("--jobs", type=int, default=0, help="jobs run end to end in (c) and (d)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profiles)")
-    ap.add_argument("--horse-phases", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite", help="the database to run on")
     args = ap.parse_args()
-    if args.horse_phases:
-        horse_phases(args.horse_phases)
-        return
     result = asyncio.run(run(args))
     print(json.dumps(result))
 

@@ -65,15 +65,23 @@ def _positive_credits(v: str) -> int:
     return n
 
 
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     dev = sub.add_parser("dev", help="Redis, SQLite, the API and workers on this machine")
     dev.add_argument("--workers", type=int, default=2)
     sub.add_parser("serve", help="the API and WebSocket gateway")
-    w = sub.add_parser("worker", help="one RQ worker process")
+    w = sub.add_parser("worker", help="one warm RQ worker process, under a supervisor that restarts it")
     w.add_argument("--queues", default="train,generate")
     w.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    w.add_argument("--max-jobs", type=_positive_int, default=0, help="start a fresh process after N jobs")
     users = sub.add_parser("users", help="manage users")
     usub = users.add_subparsers(dest="users_cmd", required=True)
     uc = usub.add_parser("create")
@@ -104,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         return _serve(settings)
     if args.cmd == "worker":
-        from queues.worker import run_worker
+        from queues.supervisor import run_worker
 
-        ok = run_worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.burst)
-        return 0 if ok else 1
+        queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+        return run_worker(settings, queues, args.burst, args.max_jobs)
     if args.cmd == "users":
         return _users(args, settings)
     from orchestrator import client_cli

@@ -18,6 +18,7 @@ def event_log(job_id: str) -> str:
 
 
 def cancel_flag(job_id: str) -> str:
+    """Set by `Dispatcher.stop` (a cancel, a sweeper timeout): the worker running the job stops it."""
     return f"{PREFIX}:cancel:{job_id}"
 
 

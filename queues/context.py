@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+from rq.timeouts import JobTimeoutException
 
 from orchestrator.artifacts import ArtifactStore
 
@@ -13,8 +16,10 @@ RunSync = Callable[[Coroutine[Any, Any, Any]], Any]
 class TaskContext:
     """Handed to a handler. Every call is stored and announced before it returns.
 
-    `report` raises `JobCancelled` once the job has been cancelled (or finished elsewhere),
-    so a handler that reports often stops promptly even without the hard stop.
+    `report` raises `JobCancelled` once the job has been cancelled (or finished elsewhere), and
+    `JobTimeoutException` once the type's timeout has passed, so a handler that reports often
+    stops promptly even without the worker's watchdog. `state` is what the type's `setup()`
+    returned in this worker process (None without one).
     """
 
     def __init__(
@@ -25,6 +30,8 @@ class TaskContext:
         lifecycle: Any,
         artifacts: ArtifactStore,
         run_sync: RunSync,
+        state: Any = None,
+        deadline: float | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -32,8 +39,13 @@ class TaskContext:
         self._lifecycle = lifecycle
         self._artifacts = artifacts
         self._run = run_sync
+        self.state = state
+        self._deadline = deadline
+        """time.monotonic() after which the attempt has timed out"""
 
     def report(self, progress: float, message: str | None = None, data: dict[str, Any] | None = None) -> None:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise JobTimeoutException("the task's timeout has passed")
         self._run(
             self._lifecycle.progress(self.job_id, progress, message, data, actor=self.actor, attempt=self.attempt)
         )

@@ -17,7 +17,6 @@ import time
 
 from redis import Redis
 from rq import Queue
-from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus
@@ -28,6 +27,8 @@ log = logging.getLogger(__name__)
 
 RUNNER = "queues.runner.run_job"
 RESULT_TTL_S = 3600
+STOP_FLAG_TTL_S = 3600
+"""How long a stop flag outlives the stop: longer than a worker takes to notice (well under 1 s)."""
 FAILURE_TTL_S = 7 * 24 * 3600
 
 
@@ -115,7 +116,11 @@ class Dispatcher:
         return value is not None and (value.decode() if isinstance(value, bytes) else str(value)) == rq_id
 
     def stop(self, job_id: str, attempt: int) -> None:
-        """Stop an attempt: drop it from its queue, or kill its work horse if it runs."""
+        """Stop an attempt: flag it, and drop it from its queue if it waits. A worker running it
+        (queues.watch) interrupts the task within a poll (0.1 s), and its supervisor's watchdog
+        kills the process if the task ignores that past its grace period (queues.supervisor).
+        RQ's stop-job command is not used: a SimpleWorker has no horse to kill."""
+        self.redis.set(keys.cancel_flag(job_id), attempt, ex=STOP_FLAG_TTL_S)
         for member in self._delayed(job_id):
             self.redis.zrem(keys.DELAYED, member)
         rid = rq_job_id(job_id, attempt)
@@ -124,12 +129,7 @@ class Dispatcher:
         except NoSuchJobError:
             return
         status = job.get_status()
-        if status == JobStatus.STARTED:
-            try:
-                send_stop_job_command(self.redis, rid)
-            except InvalidJobOperation:
-                pass
-        elif status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
             try:
                 job.cancel()
             except InvalidJobOperation:

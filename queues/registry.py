@@ -33,6 +33,7 @@ class TaskError(Exception):
 
 
 Handler = Callable[["TaskContext", Any], dict[str, Any]]
+Setup = Callable[[], Any]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class TaskType:
     """The handler hands the job to a provider and the job starts when the provider says so
     (the runner neither starts nor finishes it)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    setup: Setup | None = None
+    """Run once per worker process, before its first job of this type (where a model's weights
+    load); the handler finds the result in `ctx.state`. An exception fails that job and the next
+    job of the type tries again."""
 
     def backoff_s(self, attempt: int) -> float:
         idx = min(max(attempt - 1, 0), len(self.retry_backoff_s) - 1)
@@ -81,6 +86,9 @@ class Registry:
 
     def all(self) -> list[TaskType]:
         return list(self._types.values())
+
+    def any_deferred_start(self) -> bool:
+        return any(t.deferred_start for t in self._types.values())
 
     def configured(self, costs: dict[str, int], timeouts: dict[str, int], attempts: dict[str, int]) -> Registry:
         """A copy with costs, timeouts and attempts overridden from settings."""

@@ -1,9 +1,15 @@
-"""The function RQ runs for every attempt of every job: start, run the handler, finish."""
+"""The function RQ runs for every attempt of every job: start, run the handler, finish.
+
+The process's `Runtime` is built once (by `orchestrator worker` at start, or lazily here) and
+serves every job the process runs; per job there is one transaction to start it, the handler, and
+one to finish it.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
+import time
+from typing import Any
 
 from rq.timeouts import JobTimeoutException
 
@@ -16,29 +22,32 @@ from queues.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+_RUNTIME: Runtime | None = None
+
+
+def runtime(settings: Settings | None = None, worker_name: str | None = None) -> Runtime:
+    """This process's runtime, built on first use and kept."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = Runtime(settings or Settings(), worker_name)
+    return _RUNTIME
+
 
 def run_job(job_id: str) -> None:
-    rt = Runtime(Settings())
-    try:
-        execute(rt, job_id)
-    finally:
-        rt.close()
+    execute(runtime(), job_id)
 
 
 def execute(rt: Runtime, job_id: str) -> None:
-    worker = os.environ.get("RQ_WORKER_ID", f"pid{os.getpid()}")
-    actor = f"worker:{worker}"
-    job = rt.run_sync(_load(rt, job_id))
+    actor = f"worker:{rt.worker_name}"
+    job = rt.run_sync(_begin(rt, job_id, actor))
     task = rt.registry.get(job.type) if job is not None else None
-    if job is not None and not (task is not None and task.deferred_start):
-        job = rt.run_sync(rt.lifecycle.start(job_id, actor, worker))
     if job is None or (task is not None and task.deferred_start and job.status != "queued"):
         log.info("job %s is not runnable (cancelled, finished or unknown); skipping", job_id)
         return
 
-    def finish(coro_factory: object) -> None:
+    def finish(coro: Any) -> None:
         try:
-            rt.run_sync(coro_factory)  # type: ignore[arg-type]
+            rt.run_sync(coro)
         except (IllegalTransition, NotFound):
             pass  # finished elsewhere (cancelled, timed out): nothing more to say
 
@@ -46,23 +55,17 @@ def execute(rt: Runtime, job_id: str) -> None:
     if task is None:
         finish(rt.lifecycle.fail(job_id, "TASK_ERROR", f"unknown task type {job.type!r}", actor, attempt=n))
         return
-    ctx = TaskContext(job_id, n, actor, _Guarded(rt), rt.artifacts, rt.run_sync)
+    deadline = time.monotonic() + task.timeout_s
+    ctx = TaskContext(job_id, n, actor, _Guarded(rt), rt.artifacts, rt.run_sync, deadline=deadline)
     try:
-        inp = task.input_model.model_validate(job.input)
-        result = task.handler(ctx, inp)
+        with rt.interruptible:
+            inp = task.input_model.model_validate(job.input)
+            ctx.state = rt.state(task)
+            result = task.handler(ctx, inp)
     except JobCancelled:
         return
     except JobTimeoutException:
-        finish(
-            rt.lifecycle.fail(
-                job_id,
-                "TIMEOUT",
-                f"exceeded the {task.timeout_s} s timeout",
-                "timeout",
-                status="timed_out",
-                attempt=n,
-            )
-        )
+        finish(timed_out(rt, job_id, n, task.timeout_s))
         return
     except TaskError as exc:
         if exc.retryable and n < task.max_attempts and not task.deferred_start:
@@ -78,9 +81,25 @@ def execute(rt: Runtime, job_id: str) -> None:
         finish(rt.lifecycle.complete(job_id, result, actor, attempt=n))
 
 
-async def _load(rt: Runtime, job_id: str) -> Job | None:
-    async with rt.db.read() as s:
-        return await s.get(Job, job_id)
+def timed_out(rt: Runtime, job_id: str, attempt: int, timeout_s: float) -> Any:
+    """The attempt ran past its type's timeout: the job ends `timed_out` (refunded)."""
+    return rt.lifecycle.fail(
+        job_id, "TIMEOUT", f"exceeded the {timeout_s:g} s timeout", "timeout", status="timed_out", attempt=attempt
+    )
+
+
+async def _begin(rt: Runtime, job_id: str, actor: str) -> Job | None:
+    """Start the job (one transaction) and return it; None when it must not run. A type that
+    starts later (at its provider) is only read, so it needs the read first."""
+    if rt.registry.any_deferred_start():
+        async with rt.db.read() as s:
+            job = await s.get(Job, job_id)
+        if job is None:
+            return None
+        task = rt.registry.get(job.type)
+        if task is not None and task.deferred_start:
+            return job
+    return await rt.lifecycle.start(job_id, actor, rt.worker_name)
 
 
 class _Guarded:

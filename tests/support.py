@@ -192,9 +192,9 @@ class Stack:
         self.stop_api(index)
         self.start_api(port, index)
 
-    def start_worker(self, queues: str = "train,generate") -> subprocess.Popen[bytes]:
+    def start_worker(self, queues: str = "train,generate", *args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "worker", "--queues", queues],
+            [sys.executable, "-m", "orchestrator.cli", "worker", "--queues", queues, *args],
             preexec_fn=parent_death_signal(),
             env=self.env,
             cwd=self.root,

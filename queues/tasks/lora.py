@@ -1,7 +1,9 @@
 """`lora`: trains a rank-r LoRA adapter with numpy (Adam) and writes it as `.safetensors`.
 
-A frozen base layer W and a hidden rank-r change ΔW are drawn from the seed; the adapter
-(B @ A, with B starting at zero as in LoRA) learns ΔW from synthetic inputs, so the loss falls.
+The frozen base layer W is the "model": `setup()` builds it once per worker process (where a
+real trainer would load the base model's weights) and every job trains against it. A hidden
+rank-r change ΔW is drawn from the job's seed; the adapter (B @ A, with B starting at zero as in
+LoRA) learns ΔW from synthetic inputs, so the loss falls.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -20,6 +23,19 @@ from queues.registry import TaskInput, TaskType
 
 DIM = 128
 BATCH = 256
+BASE_SEED = 20261202
+
+
+@dataclass(frozen=True)
+class Base:
+    w: np.ndarray[Any, np.dtype[np.float32]]
+    """The frozen base layer, shared by every job in the process (never written)."""
+
+
+def load_base() -> Base:
+    w = np.random.default_rng(BASE_SEED).normal(0, 1 / np.sqrt(DIM), (DIM, DIM)).astype(np.float32)
+    w.setflags(write=False)
+    return Base(w)
 
 
 class LoraInput(TaskInput):
@@ -31,8 +47,9 @@ class LoraInput(TaskInput):
 
 
 def train(ctx: TaskContext, inp: LoraInput) -> dict[str, Any]:
+    base: Base = ctx.state if isinstance(ctx.state, Base) else load_base()
+    w = base.w
     rng = np.random.default_rng(inp.seed)
-    w = rng.normal(0, 1 / np.sqrt(DIM), (DIM, DIM)).astype(np.float32)
     true_b = rng.normal(0, 0.5, (DIM, inp.rank)).astype(np.float32)
     true_a = rng.normal(0, 0.5, (inp.rank, DIM)).astype(np.float32)
     target = w + true_b @ true_a / np.sqrt(DIM)
@@ -95,6 +112,7 @@ TASK = TaskType(
     cost=10,
     timeout_s=3600,
     handler=train,
+    setup=load_base,
     max_attempts=2,
     description="Train a rank-r LoRA adapter on the CPU with numpy; yields a .safetensors file.",
 )
