@@ -3,8 +3,8 @@
     .venv/bin/python bench/fanout.py --quick    # 1,000 sockets, under a minute
     .venv/bin/python bench/fanout.py            # 10,000 sockets (a few minutes)
 
-Starts its own Redis and `orchestrator serve` (SQLite), submits J `sleep` jobs over HTTP and
-opens N sockets on /ws, socket i following job i mod J (N/J = 10 sockets per job, so 1,000
+Starts its own Redis and `orchestrator serve` (SQLite, or Postgres with `--db postgres`), submits
+J `sleep` jobs over HTTP and opens N sockets on /ws, socket i following job i mod J (N/J = 10 sockets per job, so 1,000
 events/s become 10,000 messages/s). Events travel the real path: `--drivers` processes play the
 work horses: each builds the worker's runtime (queues.runtime.Runtime) and calls the lifecycle
 exactly as `TaskContext.report` does in a work horse (start the job, then `progress` events), so
@@ -32,7 +32,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
-import sqlite3
+import re
 import sys
 import tempfile
 import time
@@ -44,7 +44,17 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from benchlib import PySpy, attribute_ours, cpu_seconds, machine_notes, percentile, raise_nofile, rss_mib, stack
+from benchlib import (
+    BenchDatabase,
+    PySpy,
+    attribute_ours,
+    cpu_seconds,
+    machine_notes,
+    percentile,
+    raise_nofile,
+    rss_mib,
+    stack,
+)
 from jobs import submit_many, wait_workers
 
 CTX = mp.get_context("spawn")
@@ -155,9 +165,13 @@ async def _client(conn: Any, url: str, key: str, jobs: list[str], first: int, co
         job = jobs[i % total_jobs]
         try:
             async with sem:
-                ws = await session.ws_connect(
-                    f"{url}/ws?jobId={job}", headers={"Authorization": f"Bearer {key}"}, max_msg_size=0
-                )
+                # `key` is an API key (sent as a header) or a subscribe token (in the query, as browsers do)
+                if key.startswith("st_"):
+                    ws = await session.ws_connect(f"{url}/ws?jobId={job}&token={key}", max_msg_size=0)
+                else:
+                    ws = await session.ws_connect(
+                        f"{url}/ws?jobId={job}", headers={"Authorization": f"Bearer {key}"}, max_msg_size=0
+                    )
         except Exception:
             st["errors"] += 1
             return
@@ -506,7 +520,7 @@ async def _baseline(conn: Any, port: int) -> None:
 # ---- real workers: how fast the worker path itself reports ----------------------------------------------
 
 
-async def real_worker_rate(st: Any, key: str, root: Path, seconds: float, ticks: int) -> dict[str, Any]:
+async def real_worker_rate(st: Any, key: str, seconds: float, ticks: int) -> dict[str, Any]:
     """2 RQ workers each run a `sleep` job with `ticks` ticks over `seconds` (asking 2 * ticks / seconds events/s)."""
     for _ in range(2):
         st.start_worker()
@@ -520,33 +534,20 @@ async def real_worker_rate(st: Any, key: str, root: Path, seconds: float, ticks:
                 headers={"Authorization": f"Bearer {key}"},
             ) as r:
                 ids.append((await r.json())["jobId"])
-    db = root / "orchestrator.db"
-
-    def done() -> bool:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            q = "SELECT count(*) FROM jobs WHERE id IN (?, ?) AND status = 'completed'"
-            return bool(con.execute(q, ids).fetchone()[0] == 2)
-        finally:
-            con.close()
-
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+    in_ids = ", ".join(f"'{i}'" for i in ids)
     deadline = time.monotonic() + seconds * 20 + 30
     while time.monotonic() < deadline:
-        if await asyncio.to_thread(done):
+        rows = await st.rows(f"SELECT count(*) FROM jobs WHERE id IN ({in_ids}) AND status = 'completed'")
+        if rows[0][0] == 2:
             break
         await asyncio.sleep(0.25)
-
-    def rate() -> tuple[int, float]:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            row = con.execute(
-                "SELECT count(*), min(ts), max(ts) FROM job_events WHERE job_id IN (?, ?) AND type = 'progress'", ids
-            ).fetchone()
-        finally:
-            con.close()
-        return int(row[0]), float(row[2] - row[1]) if row[0] else 0.0
-
-    n, span = await asyncio.to_thread(rate)
+    row = (
+        await st.rows(
+            f"SELECT count(*), min(ts), max(ts) FROM job_events WHERE job_id IN ({in_ids}) AND type = 'progress'"
+        )
+    )[0]
+    n, span = int(row[0]), float(row[2] - row[1]) if row[0] else 0.0
     for w in st.workers:
         w.terminate()
     for w in st.workers:
@@ -556,6 +557,44 @@ async def real_worker_rate(st: Any, key: str, root: Path, seconds: float, ticks:
 
 
 # ---- the run -------------------------------------------------------------------------------------------
+
+
+async def api_gc_pauses(url: str) -> dict[tuple[str, float], float]:
+    """The API process's garbage-collection pauses so far: (generation, upper bound in s) → pauses
+    of that generation at most that long."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        text = await r.text()
+    out: dict[tuple[str, float], float] = {}
+    pattern = r'^orchestrator_gc_pause_seconds_bucket\{generation="(\d)",le="([^"]+)"\} (\S+)$'
+    for m in re.finditer(pattern, text, re.M):
+        out[(m.group(1), float(m.group(2)))] = float(m.group(3))
+    return out
+
+
+def gc_summary(before: dict[tuple[str, float], float], after: dict[tuple[str, float], float]) -> dict[str, Any]:
+    """Pauses between two readings: how many, how many over 10 ms, and the bound of the longest
+    (in all, and per generation)."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+    def longest(gens: set[str]) -> float | None:
+        per_le: dict[float, float] = defaultdict(float)
+        for (g, le), n in delta.items():
+            if g in gens:
+                per_le[le] += n
+        total = per_le.get(float("inf"), 0.0)
+        if not total:
+            return 0.0
+        bound = min(le for le, n in per_le.items() if n >= total)
+        return None if bound == float("inf") else round(bound * 1000, 1)
+
+    total = sum(n for (_, le), n in delta.items() if le == float("inf"))
+    within = sum(n for (_, le), n in delta.items() if le == 0.01)
+    return {
+        "apiGcPauses": int(total),
+        "apiGcPausesOver10Ms": int(total - within),
+        "apiGcMaxMsAtMost": longest({"0", "1", "2"}),
+        "apiGcMaxMsAtMostByGeneration": {g: longest({g}) for g in ("0", "1", "2")},
+    }
 
 
 def api_rss_sampler(pid: int, stop: Any, out: list[float]) -> None:
@@ -576,8 +615,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-fanout-")
     root = Path(tmp.name)
+    database = BenchDatabase(root, args.db)
     # No sweeper during the run: the drivers' jobs have no RQ attempt running and would be "lost".
-    st = stack(root, {"ORCH_SWEEP_INTERVAL": "3600", "ORCH_REQUEUE_AFTER": "1000000"})
+    st = stack(root, {"ORCH_SWEEP_INTERVAL": "3600", "ORCH_REQUEUE_AFTER": "1000000"}, database.url)
     clients: Clients | None = None
     drivers: Drivers | None = None
     base: Any = None
@@ -589,7 +629,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         real: dict[str, Any] = {}
         if args.real_workers:
             ticks = 500 if args.quick else 1000
-            real = await real_worker_rate(st, user.api_key, root, ticks / 500, ticks)
+            real = await real_worker_rate(st, user.api_key, ticks / 500, ticks)
             print(
                 f"real workers: 2 sleep jobs x {ticks} ticks asking {real['asked']:.0f} events/s -> "
                 f"{real['eventsPerSec']:.0f} events/s stored",
@@ -598,13 +638,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # jobs, then the drivers start them (running) before any socket connects
         t = time.monotonic()
         await submit_many(st.url, user.api_key, jobs_n)
-        job_ids = await asyncio.to_thread(queued_ids, root / "orchestrator.db", user.user_id)
+        job_ids = await queued_ids(st, user.user_id)
         drivers = await asyncio.to_thread(Drivers, args.drivers, st.env, job_ids)
         print(f"{len(job_ids)} jobs submitted and started in {time.monotonic() - t:.1f} s", flush=True)
 
         rss_before = rss_mib(api_pid)
+        gc0 = await api_gc_pauses(st.url)
         t = time.monotonic()
-        clients = Clients(args.client_procs, st.url, user.api_key, job_ids, n)
+        credential = user.api_key
+        if args.auth == "token":
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    st.url + "/api/tokens",
+                    json={"ttlSeconds": 3600},
+                    headers={"Authorization": f"Bearer {user.api_key}"},
+                ) as r,
+            ):
+                credential = (await r.json())["token"]
+        clients = Clients(args.client_procs, st.url, credential, job_ids, n)
         status = await asyncio.to_thread(clients.wait_subscribed, 60 if args.quick else 400)
         connect_s = time.monotonic() - t
         await asyncio.sleep(2)
@@ -680,6 +732,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if prof:
                 print("profile of the API process during the gateway-alone phase (py-spy):")
                 print(attribute_ours(prof, top=25), flush=True)
+        gcs = gc_summary(gc0, await api_gc_pauses(st.url))
+        print(
+            f"API garbage collection while holding the sockets: {gcs['apiGcPauses']} pauses, "
+            f"{gcs['apiGcPausesOver10Ms']} over 10 ms, the longest at most {gcs['apiGcMaxMsAtMost']} ms "
+            f"(by generation: {gcs['apiGcMaxMsAtMostByGeneration']})",
+            flush=True,
+        )
         if dprof:
             print("profile of one driver (the worker's report path) during the stored phase (py-spy):")
             print(attribute_ours(dprof, top=20), flush=True)
@@ -753,6 +812,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if g
             else None,
             "connectSeconds": round(connect_s, 1),
+            **gcs,
+            "db": args.db,
+            "auth": args.auth,
             "clientProcs": args.client_procs,
             "drivers": args.drivers,
             "seconds": duration,
@@ -773,18 +835,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if base.is_alive():
                 base.kill()
         st.stop()
+        database.stop()
         tmp.cleanup()
     return out
 
 
-def queued_ids(db_path: Path, user_id: str) -> list[str]:
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    try:
-        rows = con.execute(
-            "SELECT id FROM jobs WHERE user_id = ? AND status = 'queued' ORDER BY created_at", (user_id,)
-        ).fetchall()
-    finally:
-        con.close()
+async def queued_ids(st: Any, user_id: str) -> list[str]:
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", user_id)
+    rows = await st.rows(f"SELECT id FROM jobs WHERE user_id = '{user_id}' AND status = 'queued' ORDER BY created_at")
     return [r[0] for r in rows]
 
 
@@ -793,6 +851,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1,000 sockets, under a minute")
     ap.add_argument("--sockets", type=int, default=0, help="sockets (default 1,000 quick, 10,000 full)")
     ap.add_argument("--jobs", type=int, default=0, help="jobs followed (default sockets / 10)")
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite", help="the store")
+    ap.add_argument(
+        "--auth",
+        choices=("token", "key"),
+        default="token",
+        help="sockets authenticate with one subscribe token (as browsers do) or the API key",
+    )
     ap.add_argument("--rate", type=float, default=1000.0, help="events per second asked of the drivers")
     ap.add_argument("--seconds", type=float, default=0.0, help="length of the measured load")
     ap.add_argument("--drivers", type=int, default=2, help="processes reporting events (like work horses)")

@@ -12,12 +12,15 @@ from pathlib import Path
 from aiohttp import web
 
 from metrics.exporter import render as render_metrics
+from metrics.realtime import tune_gc
 from orchestrator import openapi
 from orchestrator.core import Core
 from orchestrator.extra_routes import extra_routes
 from orchestrator.routes import API_ROUTES
 from orchestrator.settings import Settings
 from orchestrator.web import CORE, core, errors_middleware, json_response
+from ws_gateway.access import ACCESS, Access
+from ws_gateway.collector import COLLECTOR
 from ws_gateway.hub import hub_ctx
 from ws_gateway.limits import SocketSlots
 from ws_gateway.websocket import SOCKET_SLOTS, SOCKETS, close_all_sockets, ws_handler
@@ -73,12 +76,22 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     c = await Core.open(settings)
     app[CORE] = c
-    app[SOCKET_SLOTS] = SocketSlots(c.aredis, settings.max_sockets_per_user)
+    slots = SocketSlots(c.aredis, settings.max_sockets_per_user, settings.slot_ttl_s)
+    app[SOCKET_SLOTS] = slots
+    app[ACCESS] = Access(c)
+    heartbeat = asyncio.create_task(slots.heartbeat(), name="socket-slots")
+    collector = asyncio.create_task(COLLECTOR.run(), name="gc-policy")
     # everything loaded so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise walk it every time and stall every socket meanwhile
     gc.collect()
     gc.freeze()
+    tune_gc()
     yield
+    for task in (heartbeat, collector):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await slots.forget()
     await c.close()
 
 

@@ -65,7 +65,7 @@ class EventBus:
         except Exception as exc:  # Redis down: subscribers catch up from SQL by seq
             log.warning("publish of %s/%s failed: %s", event["jobId"], event["seq"], exc)
 
-    async def replay(self, job_id: str, after_seq: int) -> list[dict[str, Any]]:
-        """Events with seq > after_seq from the Redis log (may be incomplete; caller checks seqs)."""
+    async def replay(self, job_id: str, after_seq: int) -> list[bytes]:
+        """Events (JSON) with seq > after_seq from the Redis log (may be incomplete; caller checks seqs)."""
         raw = await self.redis.zrangebyscore(keys.event_log(job_id), f"({after_seq}", "+inf")
-        return [orjson.loads(r) for r in raw if isinstance(r, bytes | str)]
+        return [r for r in raw if isinstance(r, bytes)]

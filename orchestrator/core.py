@@ -38,8 +38,14 @@ class Core:
         db = Database(settings.db_url)
         if create_schema:
             await db.create_schema()
-        aredis = aioredis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_timeout=10)
-        sync_redis = redis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_timeout=10)
+        # bounded pools: a burst of callers waits for a connection instead of opening one each
+        limits = {"max_connections": settings.redis_max_connections, "timeout": 10}
+        opts = {"socket_connect_timeout": 2, "socket_timeout": 10}
+        aredis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(settings.redis, **limits, **opts)
+        )
+        sync_pool = redis.BlockingConnectionPool.from_url(settings.redis, **limits, **opts)
+        sync_redis = redis.Redis(connection_pool=sync_pool)
         registry = build_registry(settings)
         bus = EventBus(aredis, settings.retention_days * 86400)
         dispatcher = Dispatcher(sync_redis)

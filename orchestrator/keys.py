@@ -25,3 +25,12 @@ def cancel_flag(job_id: str) -> str:
 def worker_heartbeat(worker_name: str) -> str:
     """Set by a live worker every few seconds, expiring after ORCH_WORKER_LOST_AFTER."""
     return f"{PREFIX}:hb:{worker_name}"
+
+
+SLOT_PROCESSES = f"{PREFIX}:slots:processes"
+"""Sorted set of API processes holding sockets or streams, scored by their last heartbeat."""
+
+
+def slots(process: str) -> str:
+    """Hash of one API process's open sockets and streams per user, expiring without a heartbeat."""
+    return f"{PREFIX}:slots:{process}"

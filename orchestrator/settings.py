@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     task_timeouts: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_TIMEOUTS"))
     ws_outbox_messages: int = Field(2048, validation_alias=_env("ORCH_WS_OUTBOX_MESSAGES"))
     """Messages held for one socket; a consumer that falls this far behind is closed with 1013."""
+    slot_ttl_s: float = Field(30.0, validation_alias=_env("ORCH_SLOT_TTL_SECONDS"))
+    """A dead API process's sockets and streams stop counting against their users after this long."""
+    redis_max_connections: int = Field(32, validation_alias=_env("ORCH_REDIS_MAX_CONNECTIONS"))
+    """Connections each Redis pool of an API process may open; more callers wait for one."""
     task_modules: str = Field("", validation_alias=_env("ORCH_TASK_MODULES"))
     task_max_attempts: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_MAX_ATTEMPTS"))
     requeue_after_s: float = Field(10.0, validation_alias=_env("ORCH_REQUEUE_AFTER"))

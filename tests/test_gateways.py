@@ -130,6 +130,8 @@ async def test_slow_consumer_is_disconnected_and_others_are_not_delayed(stack: S
                         disconnected = True
                 except OSError:
                     disconnected = True
+                await healthy.send_json({"type": "ping"})  # answered meanwhile (and its heartbeats too)
+                assert (await healthy.receive_json(timeout=10)) == {"type": "pong"}
             assert disconnected
             await healthy.send_json({"type": "ping"})
             assert (await healthy.receive_json(timeout=10)) == {"type": "pong"}
@@ -138,20 +140,83 @@ async def test_slow_consumer_is_disconnected_and_others_are_not_delayed(stack: S
 
 
 async def test_overflowing_connection_closes_with_1013():
-    """The gateway's rule itself: a full outbox closes that socket with 1013 (try again later)."""
+    """The gateway's rule itself: a backlog past the outbox size closes that socket with 1013
+    (try again later), and a socket whose buffer has room gets its messages at once, in order."""
     from ws_gateway.websocket import Connection
 
     class FakeWs:
+        closed = False
         closed_with: int | None = None
 
         async def close(self, code: int, message: bytes = b"") -> bool:
-            self.closed_with = code
+            self.closed, self.closed_with = True, code
             return True
 
-    fake = FakeWs()
-    conn = Connection(fake, hub=None, user=None, max_subs=1, outbox=3)  # type: ignore[arg-type]
+    class FakeTransport:
+        def __init__(self, room: int) -> None:
+            self.room, self.written = room, []  # type: ignore[var-annotated]
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return 0 if len(self.written) < self.room else 1 << 20
+
+        def get_write_buffer_limits(self) -> tuple[int, int]:
+            return (16384, 65536)
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+    class FakeWriter:
+        def __init__(self, room: int) -> None:
+            self.transport = FakeTransport(room)
+
+        async def drain(self) -> None:
+            await asyncio.Event().wait()  # the client never reads
+
+    roomy = FakeWriter(room=100)
+    conn = Connection(FakeWs(), hub=None, user=None, max_subs=1, outbox=3, writer=roomy)  # type: ignore[arg-type]
     for i in range(5):
         conn.send(f"m{i}")
+    assert [w[2:] for w in roomy.transport.written] == [f"m{i}".encode() for i in range(5)]
+    assert conn.backlog is None
+
+    fake, stuck = FakeWs(), FakeWriter(room=0)
+    conn = Connection(fake, hub=None, user=None, max_subs=1, outbox=3, writer=stuck)  # type: ignore[arg-type]
+    for i in range(3):
+        conn.send(f"m{i}")
+    assert conn.backlog is not None and len(conn.backlog) == 3 and not conn.overflowed
+    conn.send("m3")
     await asyncio.sleep(0)
     assert conn.overflowed and fake.closed_with == 1013
-    assert conn.outbox.qsize() == 3
+    assert stuck.transport.written == []
+
+
+def test_collector_freezes_what_sockets_keep_and_thaws_after_churn():
+    """What new sockets keep leaves the collector's sight after the next young collection;
+    enough closed sockets bring everything back for one full pass (ws_gateway.collector)."""
+    import gc
+
+    from ws_gateway.collector import MIN_THAW_SOCKETS, Collector
+
+    c = Collector()
+    before = gc.get_freeze_count()
+    gc.callbacks.append(c.after_collection)
+    try:
+        gc.collect(1)
+        assert gc.get_freeze_count() == before  # nothing opened: nothing frozen
+        for _ in range(3):
+            c.socket_opened()
+        kept = [[i] for i in range(1000)]  # what the sockets hold
+        gc.collect(1)
+        assert gc.get_freeze_count() >= before + len(kept)
+        assert c.frozen == 3 and c.opened == 0
+        assert not c.thaw_if_due()
+        for _ in range(MIN_THAW_SOCKETS):
+            c.socket_closed()
+        assert c.thaw_if_due()
+        assert c.closed == 0 and c.frozen == c.open
+    finally:
+        gc.callbacks.remove(c.after_collection)
+        gc.unfreeze()

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
+import struct
 import time
 from typing import Any
 
 import aiohttp
 import pytest
 from support import FINAL, Api, Stack
+
+STACK_ENV = {"ORCH_REDIS_MAX_CONNECTIONS": "8"}
 
 
 @pytest.fixture
@@ -227,3 +232,82 @@ async def test_progress_events_carry_eta(api: Api):
     progress = [e for e in await api.events(job["jobId"]) if e["type"] == "progress"]
     assert all("etaSeconds" in e and e["etaSeconds"] >= 0 for e in progress)
     assert progress[-1]["etaSeconds"] == 0
+
+
+def _leave_mid_stream(port: int, path: str, key: str) -> None:
+    """A client that asks for a stream, reads its first bytes and then resets the connection."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the server fills it fast
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+    assert sock.recv(256).startswith(b"HTTP/1.1 200")  # the snapshot; the replay is being read
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+
+
+async def test_a_client_leaving_the_replay_of_a_finished_job_is_not_a_server_error(
+    api: Api, http: aiohttp.ClientSession, stack: Stack
+):
+    job = await api.submit("generate", {"seconds": 0, "ticks": 1000}, type="sleep")
+    await api.wait(job["jobId"], timeout_s=120)
+    path = f"/api/jobs/{job['jobId']}/stream"
+    for _ in range(3):
+        await asyncio.to_thread(_leave_mid_stream, stack.apis[0][1], path, api.key)
+    async with http.get(f"{stack.url}/healthz") as r:
+        assert r.status == 200
+    async with http.get(f"{stack.url}/metrics") as r:
+        text = await r.text()
+    stream_statuses = set(re.findall(r'_count\{method="GET",route="/api/jobs/\{job_id\}/stream",status="(\d+)"', text))
+    assert "500" not in stream_statuses, stream_statuses
+    log = (stack.root / "logs" / f"api-{stack.apis[0][1]}.log").read_text()
+    assert "unhandled error" not in log
+
+
+async def test_an_open_socket_is_closed_when_its_token_expires(api: Api, http: aiohttp.ClientSession, stack: Stack):
+    job = await api.submit("generate", {"seconds": 60, "ticks": 60}, type="sleep")
+    _, tok, _ = await api.call("POST", "/api/tokens", json={"ttlSeconds": 2})
+    try:
+        async with http.ws_connect(f"{stack.url}/ws?token={tok['token']}&jobId={job['jobId']}") as ws:
+            expired = None
+            deadline = time.monotonic() + 30
+            while expired is None and time.monotonic() < deadline:
+                msg = await ws.receive(timeout=30)
+                assert msg.type == aiohttp.WSMsgType.TEXT, msg
+                data = json.loads(msg.data)
+                if data["type"] == "error":
+                    expired = data
+            assert expired is not None and expired["code"] == "TOKEN_EXPIRED" and expired["message"]
+            msg = await ws.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001
+    finally:
+        await api.call("DELETE", f"/api/jobs/{job['jobId']}")
+
+
+async def test_a_burst_of_sockets_keeps_the_redis_connections_bounded(
+    api: Api, http: aiohttp.ClientSession, stack: Stack
+):
+    import redis.asyncio as aioredis
+
+    job = await api.submit("generate", {"seconds": 0, "ticks": 5}, type="sleep")
+    await api.wait(job["jobId"])
+    url = f"{stack.url}/ws?jobId={job['jobId']}"
+
+    async def one() -> None:
+        try:
+            ws = await http.ws_connect(url, headers=api.headers())
+        except aiohttp.WSServerHandshakeError:
+            return  # past the per-user cap: refused, after asking Redis all the same
+        await ws.receive(timeout=30)
+        await ws.close()
+
+    await asyncio.gather(*(one() for _ in range(205)))
+    assert stack.redis is not None
+    r = aioredis.Redis.from_url(stack.redis.url)
+    try:
+        clients = await r.client_list()
+    finally:
+        await r.aclose()
+    # two pools of at most ORCH_REDIS_MAX_CONNECTIONS (8) in the API process, the rate limiter,
+    # the event subscription, the workers and this client
+    assert len(clients) <= 2 * 8 + 20, len(clients)

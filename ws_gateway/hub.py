@@ -2,6 +2,7 @@
 
 Broker (Redis pub/sub + the per-job log) → Hub (who listens to what) → Transport (a socket or
 a stream that only writes and closes). See ws_gateway.subscription for the ordering guarantee.
+Each event is decoded once per process (ws_gateway.message), whatever the number of sockets.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 from aiohttp import web
 
+from metrics.realtime import WS_TALLY
 from orchestrator import jobs, keys
 from orchestrator.core import Core
-from ws_gateway.subscription import Subscription
+from ws_gateway.flights import Flights
+from ws_gateway.jobcache import JobCache
+from ws_gateway.message import Message
+from ws_gateway.subscription import Sink, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ class Hub:
         self.core = core
         self.subs: dict[str, set[Subscription]] = defaultdict(set)
         self.waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = defaultdict(list)
+        self.jobs = JobCache(core.db)
+        self._fetches: Flights[tuple[str, int, int], list[Message]] = Flights()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
@@ -41,6 +46,7 @@ class Hub:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
                 if self.connected.is_set() is False:
                     self.connected.set()
+                self.jobs.clear()  # events may have been missed: read jobs afresh
                 self._catch_up_all()  # whatever was published while we were not listening
                 backoff = 0.1
                 while True:
@@ -59,18 +65,21 @@ class Hub:
 
     def dispatch(self, raw: bytes) -> None:
         try:
-            event = orjson.loads(raw)
-            job_id = event["jobId"]
-            seq = int(event["seq"])
+            msg = Message.parse(raw)
+            job_id = msg.event["jobId"]
         except Exception:
             log.warning("dropping malformed event")
             return
-        for sub in list(self.subs.get(job_id, ())):
-            sub.offer(event, raw)
+        self.jobs.invalidate(job_id)
+        subs = self.subs.get(job_id)
+        if subs:
+            for sub in tuple(subs):
+                sub.offer(msg)
+            WS_TALLY.flush(msg.stored_at)
         waiters = self.waiters.get(job_id)
         if waiters:
             for after, fut in waiters:
-                if seq > after and not fut.done():
+                if msg.seq > after and not fut.done():
                     fut.set_result(None)
 
     def _catch_up_all(self) -> None:
@@ -81,25 +90,28 @@ class Hub:
 
     # ---- subscriptions ---------------------------------------------------------------------
 
-    async def fetch(self, job_id: str, after: int, upto: int = 0) -> list[dict[str, Any]]:
-        """Stored events with seq > after (and ≤ upto when given): Redis log first, SQL if it has gaps."""
-        events: list[dict[str, Any]] = []
+    async def fetch(self, job_id: str, after: int, upto: int = 0) -> list[Message]:
+        """Stored events with seq > after (and ≤ upto when given), read after this call began;
+        concurrent callers asking the same share one read and its decoded messages."""
+        return await self._fetches.get((job_id, after, upto), lambda: self._read(job_id, after, upto))
+
+    async def _read(self, job_id: str, after: int, upto: int) -> list[Message]:
+        """The Redis log first (from `after` itself, which proves it complete), SQL if it has gaps."""
+        events: list[Message] = []
+        complete = False
         try:
-            events = await self.core.bus.replay(job_id, after)
+            logged = await self.core.bus.replay(job_id, max(0, after - 1))
+            events = [Message.parse(raw) for raw in logged]
+            expected = after if after > 0 else 1
+            complete = bool(events) and all(m.seq == expected + i for i, m in enumerate(events))
+            events = [m for m in events if m.seq > after]
         except Exception as exc:
             log.info("event log unavailable (%s); reading SQL", exc)
-        expected = after + 1
-        contiguous = True
-        for ev in events:
-            if ev["seq"] != expected:
-                contiguous = False
-                break
-            expected += 1
-        if not contiguous or not events or (upto and events[-1]["seq"] < upto):
-            events = await jobs.events_after(self.core.db, job_id, after)
+        if not complete or (upto and (not events or events[-1].seq < upto)):
+            events = [Message(ev) for ev in await jobs.events_after(self.core.db, job_id, after)]
         return events
 
-    async def subscribe(self, job_id: str, since: int, sink: Any) -> Subscription:
+    async def subscribe(self, job_id: str, since: int, sink: Sink) -> Subscription:
         sub = Subscription(job_id, since, sink, self.fetch)
         self.subs[job_id].add(sub)
         try:

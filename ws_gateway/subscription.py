@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-FINAL = frozenset({"completed", "failed", "cancelled", "timed_out"})
+from ws_gateway.message import Message
 
-Sink = Callable[[dict[str, Any], bytes], None]
-"""Writes one event (dict and its JSON bytes) to the client; must not block."""
-Fetch = Callable[[str, int, int], Awaitable[list[dict[str, Any]]]]
+Sink = Callable[[Message], None]
+"""Writes one event to the client; must not block."""
+Fetch = Callable[[str, int, int], Awaitable[list[Message]]]
 """Fetch(job_id, after_seq, upto_seq) → stored events in (after, upto], from the log or SQL."""
 
 
 class Subscription:
+    __slots__ = ("_filling", "fetch", "finished", "job_id", "last_seq", "pending", "ready", "sink")
+
     def __init__(self, job_id: str, since: int, sink: Sink, fetch: Fetch) -> None:
         self.job_id = job_id
         self.last_seq = since
@@ -27,27 +28,41 @@ class Subscription:
         self.fetch = fetch
         self.ready = False
         self.finished = False
-        self.pending: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self.pending: dict[int, Message] | None = None  # held out of order; None while empty
         self._filling: asyncio.Task[None] | None = None
 
-    def offer(self, event: dict[str, Any], raw: bytes) -> None:
-        seq = int(event["seq"])
-        if seq <= self.last_seq or self.finished:
+    def offer(self, msg: Message) -> None:
+        if self.finished or msg.seq <= self.last_seq:
             return
-        self.pending[seq] = (event, raw)
+        if self.ready and msg.seq == self.last_seq + 1 and not self.pending:
+            self._send(msg)  # the common case: the next event, nothing held
+            return
+        self._hold(msg)
         if self.ready:
             self._drain()
+            if self.pending and not self.finished:
+                self.request_fill()
+
+    def _hold(self, msg: Message) -> None:
+        if self.pending is None:
+            self.pending = {}
+        self.pending.setdefault(msg.seq, msg)
+
+    def _send(self, msg: Message) -> None:
+        self.last_seq = msg.seq
+        self.sink(msg)
+        if msg.final:
+            self.finished = True
+            self.pending = None
 
     def _drain(self) -> None:
-        while self.last_seq + 1 in self.pending and not self.finished:
-            event, raw = self.pending.pop(self.last_seq + 1)
-            self.last_seq += 1
-            self.sink(event, raw)
-            if event.get("type") == "status" and event.get("status") in FINAL:
-                self.finished = True
-                self.pending.clear()
-        if self.pending and not self.finished:
-            self.request_fill()
+        while self.pending and not self.finished:
+            msg = self.pending.pop(self.last_seq + 1, None)
+            if msg is None:
+                return
+            self._send(msg)
+        if not self.pending:
+            self.pending = None
 
     def request_fill(self) -> None:
         """Ask for the events between what was sent and what is held (or anything newer)."""
@@ -59,35 +74,25 @@ class Subscription:
             if self.finished:
                 return
             upto = min(self.pending) - 1 if self.pending else 0
-            events = await self.fetch(self.job_id, self.last_seq, upto)
-            for ev in events:
-                seq = int(ev["seq"])
-                if seq > self.last_seq and seq not in self.pending:
-                    self.pending[seq] = (ev, b"")
+            for msg in await self.fetch(self.job_id, self.last_seq, upto):
+                if msg.seq > self.last_seq:
+                    self._hold(msg)
             before = self.last_seq
-            self._drain_only()
-            if not self.pending or self.last_seq == before:
-                if not self.pending:
-                    return
+            self._drain()
+            if not self.pending:
+                return
+            if self.last_seq == before:
                 await asyncio.sleep(0.05)  # an event being committed right now; look again
 
-    def _drain_only(self) -> None:
-        while self.last_seq + 1 in self.pending and not self.finished:
-            event, raw = self.pending.pop(self.last_seq + 1)
-            self.last_seq += 1
-            self.sink(event, raw)
-            if event.get("type") == "status" and event.get("status") in FINAL:
-                self.finished = True
-                self.pending.clear()
-
-    async def start(self, replay: list[dict[str, Any]]) -> None:
+    async def start(self, replay: list[Message]) -> None:
         """Send the replay (events after `since`), then whatever arrived live meanwhile."""
-        for ev in replay:
-            seq = int(ev["seq"])
-            if seq > self.last_seq and seq not in self.pending:
-                self.pending[seq] = (ev, b"")
+        for msg in replay:
+            if msg.seq > self.last_seq:
+                self._hold(msg)
         self.ready = True
         self._drain()
+        if self.pending and not self.finished:
+            self.request_fill()
 
     def cancel(self) -> None:
         self.finished = True
