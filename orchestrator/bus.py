@@ -8,6 +8,7 @@ SQL stays the truth: when Redis misses an event the gateway reads it from SQL.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -44,26 +45,39 @@ class EventBus:
 
     async def publish(self, event: dict[str, Any], transition: Transition | None = None) -> None:
         """Announce a stored event. Failures are logged, never raised: the event is safe in SQL."""
+        if not await self.send([lambda pipe: self.add_event(pipe, event, transition)]):
+            log.warning("publish of %s/%s failed", event["jobId"], event["seq"])
+
+    def add_event(self, pipe: Any, event: dict[str, Any], transition: Transition | None = None) -> None:
+        """Queue a stored event's writes on `pipe`: its job's log, the channel, the metrics."""
         payload = orjson.dumps(event)
         log_key = keys.event_log(event["jobId"])
+        pipe.zadd(log_key, {payload: event["seq"]})
+        pipe.zremrangebyrank(log_key, 0, -LOG_MAX_EVENTS - 1)
+        pipe.expire(log_key, self.retention_s)
+        pipe.publish(keys.EVENTS_CHANNEL, payload)
+        if transition is not None:
+            record_transition(
+                pipe,
+                transition.queue,
+                transition.task_type,
+                transition.status,
+                transition.wait_s,
+                transition.duration_s,
+            )
+
+    async def send(self, writes: list[Callable[[Any], None]]) -> bool:
+        """Run `writes` (each adds commands to a pipeline) in one Redis round trip. False when
+        Redis failed (logged, never raised: what they announce is safe in SQL)."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(log_key, {payload: event["seq"]})
-                pipe.zremrangebyrank(log_key, 0, -LOG_MAX_EVENTS - 1)
-                pipe.expire(log_key, self.retention_s)
-                pipe.publish(keys.EVENTS_CHANNEL, payload)
-                if transition is not None:
-                    record_transition(
-                        pipe,
-                        transition.queue,
-                        transition.task_type,
-                        transition.status,
-                        transition.wait_s,
-                        transition.duration_s,
-                    )
+                for write in writes:
+                    write(pipe)
                 await pipe.execute()
+            return True
         except Exception as exc:  # Redis down: subscribers catch up from SQL by seq
-            log.warning("publish of %s/%s failed: %s", event["jobId"], event["seq"], exc)
+            log.warning("Redis pipeline of %d writes failed: %s", len(writes), exc)
+            return False
 
     async def replay(self, job_id: str, after_seq: int) -> list[dict[str, Any]]:
         """Events with seq > after_seq from the Redis log (may be incomplete; caller checks seqs)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
+from orchestrator.accounts import KeyCache
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.auth import Tokens
 from orchestrator.bus import EventBus
@@ -32,6 +33,7 @@ class Core:
     artifacts: ArtifactStore
     tokens: Tokens
     limiter: Limiter
+    keys: KeyCache
 
     @classmethod
     async def open(cls, settings: Settings, create_schema: bool = True) -> Core:
@@ -42,7 +44,7 @@ class Core:
         sync_redis = redis.Redis.from_url(settings.redis, socket_connect_timeout=2, socket_timeout=10)
         registry = build_registry(settings)
         bus = EventBus(aredis, settings.retention_days * 86400)
-        dispatcher = Dispatcher(sync_redis)
+        dispatcher = Dispatcher(sync_redis, aredis)
         return cls(
             settings=settings,
             db=db,
@@ -55,6 +57,7 @@ class Core:
             artifacts=ArtifactStore(settings.artifacts_dir),
             tokens=Tokens(settings.signing_key),
             limiter=Limiter(settings.redis, settings.submit_rate),
+            keys=KeyCache(settings.api_key_cache_s),
         )
 
     async def readiness(self) -> dict[str, str]:

@@ -1,0 +1,129 @@
+"""Group commit: the changes that callers in one process ask for meanwhile share one transaction.
+
+A caller hands `GroupCommit.run` a synchronous function of a SQLAlchemy `Connection` (its
+change). One task per process takes every pending change, applies each in its own SAVEPOINT (so
+one refused change, an illegal transition, a stale attempt, insufficient credits, raises to its
+caller alone and undoes nothing of the others), commits once, then sends what the changes
+announce (events, enqueues) in one Redis pipeline, and only then answers the callers. So:
+
+- stored before announced: nothing is sent before the commit it belongs to has returned;
+- a burst of N changes costs one commit and one Redis round trip, not N;
+- a change alone in its batch runs without a SAVEPOINT (its transaction is its own).
+
+A failed commit fails every change of the batch (none was stored); a failed pipeline is reported
+to each caller as `announced=False` (the changes are stored; the caller decides: a submit is
+taken back, an event is left to SQL replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection
+
+from orchestrator.db import Database
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Announce = Callable[[Any], None]
+"""Adds Redis commands to the batch's pipeline (a `redis.asyncio` pipeline)."""
+
+MAX_BATCH = 256
+"""Changes per transaction; more wait for the next one."""
+
+
+@dataclass
+class Done(Generic[T]):
+    """What a change returns: its value, and what to announce once it is committed."""
+
+    value: T
+    announce: list[Announce] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    change: Callable[[Connection], Done[Any]]
+    future: asyncio.Future[tuple[Any, bool]]
+
+
+class GroupCommit:
+    def __init__(self, db: Database, send: Callable[[list[Announce]], Awaitable[bool]]) -> None:
+        self.db = db
+        self.send = send
+        self._pending: list[_Pending] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, change: Callable[[Connection], Done[T]]) -> tuple[T, bool]:
+        """Apply `change` in the next group transaction: (its value, whether its announcements
+        were sent). Raises what the change raised, or the commit's error."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop, self._pending, self._wake = loop, [], asyncio.Event()
+            self._task = loop.create_task(self._writer(), name="group-commit")
+        fut: asyncio.Future[tuple[Any, bool]] = loop.create_future()
+        self._pending.append(_Pending(change, fut))
+        assert self._wake is not None
+        self._wake.set()
+        value, sent = await fut
+        return value, sent
+
+    def forget(self) -> None:
+        """In a forked child: the parent's writer task is not ours."""
+        self._task, self._loop, self._pending, self._wake = None, None, [], None
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            outcomes = await self.db.run_batch(lambda conn: _apply_all(conn, [p.change for p in batch]))
+        except Exception as exc:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        announce = [a for o in outcomes if isinstance(o, Done) for a in o.announce]
+        sent = True
+        if announce:
+            try:
+                sent = await self.send(announce)
+            except Exception as exc:  # stored all the same: report it as not announced
+                log.warning("announcing a batch of %d failed: %s", len(batch), exc)
+                sent = False
+        for p, o in zip(batch, outcomes, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(o, Done):
+                p.future.set_result((o.value, sent))
+            else:
+                p.future.set_exception(o)
+
+
+def _apply_all(conn: Connection, changes: list[Callable[[Connection], Done[Any]]]) -> list[Done[Any] | Exception]:
+    if len(changes) == 1:
+        return [changes[0](conn)]  # raises: the transaction rolls back, the caller gets the error
+    out: list[Done[Any] | Exception] = []
+    for change in changes:
+        savepoint = conn.begin_nested()
+        try:
+            out.append(change(conn))
+        except Exception as exc:
+            savepoint.rollback()
+            out.append(exc)
+        else:
+            savepoint.commit()
+    return out
