@@ -16,11 +16,16 @@ import redis.asyncio as aioredis
 
 from metrics.jobs import record_transition
 from orchestrator import keys
+from orchestrator.views import FINAL
 
 log = logging.getLogger(__name__)
 
 LOG_MAX_EVENTS = 5000
 """Events kept per job in Redis; older ones are read from SQL."""
+LOG_TRIM_EVERY = 64
+"""A job's log is trimmed and its expiry renewed on its first event, every this many events and
+on its final one (so it holds at most LOG_MAX_EVENTS + LOG_TRIM_EVERY): two commands fewer for
+most progress events."""
 
 
 class Transition:
@@ -52,9 +57,11 @@ class EventBus:
         """Queue a stored event's writes on `pipe`: its job's log, the channel, the metrics."""
         payload = orjson.dumps(event)
         log_key = keys.event_log(event["jobId"])
-        pipe.zadd(log_key, {payload: event["seq"]})
-        pipe.zremrangebyrank(log_key, 0, -LOG_MAX_EVENTS - 1)
-        pipe.expire(log_key, self.retention_s)
+        seq = event["seq"]
+        pipe.zadd(log_key, {payload: seq})
+        if seq == 1 or seq % LOG_TRIM_EVERY == 0 or event["status"] in FINAL:
+            pipe.zremrangebyrank(log_key, 0, -LOG_MAX_EVENTS - 1)
+            pipe.expire(log_key, self.retention_s)
         pipe.publish(keys.EVENTS_CHANNEL, payload)
         if transition is not None:
             record_transition(

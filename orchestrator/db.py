@@ -89,9 +89,7 @@ def _sqlite_pragmas(engine: Engine, *, immediate: bool) -> None:
 
 
 def _sqlite_engine(url: str, *, immediate: bool) -> AsyncEngine:
-    engine = create_async_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, json_serializer=_json
-    )
+    engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, json_serializer=_json)
     _sqlite_pragmas(engine.sync_engine, immediate=immediate)
     return engine
 

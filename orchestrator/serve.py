@@ -4,9 +4,10 @@ Each child is a full `orchestrator serve --reuse-port` (its own event loop, hub,
 streams, long-polls); the kernel spreads new connections over them (SO_REUSEPORT). Whatever a
 socket needs from another process comes through Redis, as with API processes on several
 machines. Per-process Prometheus metrics are kept in a PROMETHEUS_MULTIPROC_DIR shared by the
-children, so `/metrics` on any of them answers for all. The parent only supervises: a child that exits is started again after a short pause;
-SIGTERM or SIGINT stops every child (SIGTERM, then SIGKILL after a grace period) before the parent
-exits, and each child gets SIGKILL from the kernel if the parent dies first, so none outlives it.
+children, so `/metrics` on any of them answers for all. The parent only supervises: a child that
+exits is started again after a short pause; SIGTERM or SIGINT stops every child (SIGTERM, then
+SIGKILL after a grace period) before the parent exits, and each child gets SIGTERM from the
+kernel if the parent dies first (PR_SET_PDEATHSIG), so none outlives it.
 """
 
 from __future__ import annotations

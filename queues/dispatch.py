@@ -86,7 +86,7 @@ class Dispatcher:
     async def prepare(self, aredis: aioredis.Redis, queues: list[str]) -> None:
         """Learn the server version RQ records with each job once, so no enqueue asks for it."""
         version = str((await aredis.info("server"))["redis_version"])
-        parts = tuple(int(p) for p in (version.split(".") + ["0", "0"])[:3])
+        parts = tuple(int(p) for p in [*version.split("."), "0", "0"][:3])
         for name in queues:
             self.queue(name).redis_server_version = parts  # type: ignore[assignment]
 

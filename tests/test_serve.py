@@ -200,4 +200,3 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0]
     except (FileNotFoundError, IndexError):
         return "zombie"
-
