@@ -127,10 +127,12 @@ class _SqliteWriter:
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
 
     def forget(self) -> None:
-        """In a forked child: the thread and the connection belong to the parent."""
+        """In a forked child: the thread, the connection and the lock file's open description
+        (which flock shares with the parent) belong to the parent."""
         self.engine.dispose(close=False)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self.conn = None
+        self.lock_fd = None
 
     def close(self) -> None:
         def _close() -> None:

@@ -1,14 +1,17 @@
 """Group commit: the changes that callers in one process ask for meanwhile share one transaction.
 
 A caller hands `GroupCommit.run` a synchronous function of a SQLAlchemy `Connection` (its
-change). One task per process takes every pending change, applies each in its own SAVEPOINT (so
-one refused change, an illegal transition, a stale attempt, insufficient credits, raises to its
-caller alone and undoes nothing of the others), commits once, then sends what the changes
-announce (events, enqueues) in one Redis pipeline, and only then answers the callers. So:
+change). One task per process takes every pending change, applies them in one transaction,
+commits once, then sends what the changes announce (events, enqueues) in one Redis pipeline,
+and only then answers the callers. One refused change (an illegal transition, a stale attempt,
+insufficient credits) raises to its caller alone and undoes nothing of the others:
 
+- a change refuses (raises `REFUSALS`) before it writes anything, so a refusal needs no undo and
+  the batch runs without SAVEPOINTs (they were 40 % of the writer's time);
+- any other error in a batch of several rolls it back and runs it again with each change in its
+  own SAVEPOINT, so only the failing change fails;
 - stored before announced: nothing is sent before the commit it belongs to has returned;
-- a burst of N changes costs one commit and one Redis round trip, not N;
-- a change alone in its batch runs without a SAVEPOINT (its transaction is its own).
+- a burst of N changes costs one commit and one Redis round trip, not N.
 
 A failed commit fails every change of the batch (none was stored); a failed pipeline is reported
 to each caller as `announced=False` (the changes are stored; the caller decides: a submit is
@@ -26,6 +29,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Connection
 
 from orchestrator.db import Database
+from orchestrator.errors import ApiError, IllegalTransition
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ Announce = Callable[[Any], None]
 
 MAX_BATCH = 256
 """Changes per transaction; more wait for the next one."""
+REFUSALS = (ApiError, IllegalTransition)
+"""What a change may raise, and only before it has written anything."""
 
 
 @dataclass
@@ -62,7 +68,8 @@ class GroupCommit:
 
     async def run(self, change: Callable[[Connection], Done[T]]) -> tuple[T, bool]:
         """Apply `change` in the next group transaction: (its value, whether its announcements
-        were sent). Raises what the change raised, or the commit's error."""
+        were sent). Raises what the change raised, or the commit's error. `change` may run more
+        than once (each time in a fresh transaction) and raises `REFUSALS` only before writing."""
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop, self._pending, self._wake = loop, [], asyncio.Event()
@@ -73,10 +80,6 @@ class GroupCommit:
         self._wake.set()
         value, sent = await fut
         return value, sent
-
-    def forget(self) -> None:
-        """In a forked child: the parent's writer task is not ours."""
-        self._task, self._loop, self._pending, self._wake = None, None, [], None
 
     async def _writer(self) -> None:
         assert self._wake is not None
@@ -89,8 +92,12 @@ class GroupCommit:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        changes = [p.change for p in batch]
         try:
-            outcomes = await self.db.run_batch(lambda conn: _apply_all(conn, [p.change for p in batch]))
+            try:
+                outcomes = await self.db.run_batch(lambda conn: _apply_all(conn, changes, savepoints=False))
+            except _Redo:
+                outcomes = await self.db.run_batch(lambda conn: _apply_all(conn, changes, savepoints=True))
         except Exception as exc:
             for p in batch:
                 if not p.future.done():
@@ -113,11 +120,25 @@ class GroupCommit:
                 p.future.set_exception(o)
 
 
-def _apply_all(conn: Connection, changes: list[Callable[[Connection], Done[Any]]]) -> list[Done[Any] | Exception]:
+class _Redo(Exception):
+    """A change of a batch failed otherwise than by refusing: run the batch with SAVEPOINTs."""
+
+
+def _apply_all(
+    conn: Connection, changes: list[Callable[[Connection], Done[Any]]], savepoints: bool
+) -> list[Done[Any] | Exception]:
     if len(changes) == 1:
         return [changes[0](conn)]  # raises: the transaction rolls back, the caller gets the error
     out: list[Done[Any] | Exception] = []
     for change in changes:
+        if not savepoints:
+            try:
+                out.append(change(conn))
+            except REFUSALS as exc:
+                out.append(exc)
+            except Exception as exc:
+                raise _Redo from exc
+            continue
         savepoint = conn.begin_nested()
         try:
             out.append(change(conn))

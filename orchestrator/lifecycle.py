@@ -160,12 +160,7 @@ class Lifecycle:
         request_hash: str = "",
     ) -> tuple[Job, bool]:
         """Charge, store and enqueue a job. Returns (job, replayed)."""
-        if not self._prepared:
-            try:
-                await self.dispatcher.prepare(self.bus.redis, sorted({t.queue for t in self.registry.all()}))
-            except Exception as exc:
-                raise Unavailable(f"queue unavailable: {type(exc).__name__}") from exc
-            self._prepared = True
+        await self._prepare_queues()
         if idempotency_key:
             existing = await self._claim(user_id, idempotency_key, request_hash)
             if existing is not None:
@@ -186,6 +181,16 @@ class Lifecycle:
             await self._run(self._undo_create(job, idempotency_key))
             raise Unavailable("queue unavailable: Redis did not take the job")
         return job, False
+
+    async def _prepare_queues(self) -> None:
+        """Once per process: what RQ needs to know to write an enqueue without asking Redis."""
+        if self._prepared:
+            return
+        try:
+            await self.dispatcher.prepare(self.bus.redis, sorted({t.queue for t in self.registry.all()}))
+        except Exception as exc:
+            raise Unavailable(f"queue unavailable: {type(exc).__name__}") from exc
+        self._prepared = True
 
     async def _claim(self, user_id: str, key: str, request_hash: str) -> str | None:
         for _ in range(3):
@@ -370,6 +375,7 @@ class Lifecycle:
             timeout = task.timeout_s if task else 3600
             return lambda pipe: self.dispatcher.add_enqueue(pipe, job_id, job.queue, job.attempts + 1, timeout, delay_s)
 
+        await self._prepare_queues()
         return await self._apply(
             job_id,
             actor,

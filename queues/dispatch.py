@@ -90,6 +90,9 @@ class Dispatcher:
         for name in queues:
             self.queue(name).redis_server_version = parts  # type: ignore[assignment]
 
+    def prepared(self, queue: str) -> bool:
+        return self.queue(queue).redis_server_version is not None
+
     def enqueue(self, job_id: str, queue: str, attempt: int, timeout_s: int, delay_s: float = 0) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for args, options in self.enqueue_commands(job_id, queue, attempt, timeout_s, delay_s):
@@ -176,6 +179,8 @@ class Dispatcher:
         if self.aredis is None:
             await asyncio.to_thread(self.enqueue, job_id, queue, attempt, timeout_s, delay_s)
             return
+        if not self.prepared(queue):
+            await self.prepare(self.aredis, [queue])
         async with self.aredis.pipeline(transaction=False) as pipe:
             self.add_enqueue(pipe, job_id, queue, attempt, timeout_s, delay_s)
             await pipe.execute()

@@ -163,3 +163,31 @@ async def revoke(core: Core, user_id: str) -> None:
         await s.execute(
             text("UPDATE users SET api_key_hash = :h WHERE id = :u"), {"h": "revoked-" + user_id, "u": user_id}
         )
+
+
+async def test_a_change_failing_after_it_wrote_fails_alone_and_leaves_nothing(stack: Stack, core: Core):
+    from sqlalchemy import Connection, insert
+
+    from orchestrator.group_commit import Done, GroupCommit
+    from orchestrator.models import IdempotencyKey
+
+    table = IdempotencyKey.__table__  # type: ignore[attr-defined]
+    writer = GroupCommit(core.db, core.bus.send)
+
+    def add(key: str, twice: bool = False) -> Any:
+        def change(conn: Connection) -> Done[str]:
+            row = {"user_id": "u-gc", "key": key, "request_hash": "h", "job_id": None, "created_at": 0.0}
+            conn.execute(insert(table), row)
+            if twice:
+                conn.execute(insert(table), row)  # the primary key refuses it, after the first write
+            return Done(key)
+
+        return change
+
+    results = await asyncio.gather(
+        *(writer.run(add(f"k{i}", twice=(i == 3))) for i in range(8)), return_exceptions=True
+    )
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [3]
+    rows = await stack.rows("SELECT key FROM idempotency_keys WHERE user_id = 'u-gc' ORDER BY key")
+    assert rows == [(f"k{i}",) for i in range(8) if i != 3]  # k3's first insert was undone too
