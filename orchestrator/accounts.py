@@ -9,6 +9,7 @@ working in a process for at most that long. Unknown keys are not cached (a new k
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import secrets
@@ -138,6 +139,7 @@ class KeyCache:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[float, User]] = {}
+        self.inflight: dict[str, asyncio.Future[User | None]] = {}
 
     def get(self, key_hash: str) -> User | None:
         hit = self._entries.get(key_hash)
@@ -163,15 +165,35 @@ async def authenticate(db: Database, api_key: str, cache: KeyCache | None = None
     if not api_key.startswith(API_KEY_PREFIX) or len(api_key) > 200:
         return None
     key_hash = hash_key(api_key)
-    if cache is not None:
-        hit = cache.get(key_hash)
-        if hit is not None:
-            return hit
-    async with db.read() as s:
-        user = (await s.execute(select(User).where(col(User.api_key_hash) == key_hash))).scalar_one_or_none()
-    if user is not None and cache is not None:
+    if cache is None:
+        return await _user_by_key(db, key_hash)
+    hit = cache.get(key_hash)
+    if hit is not None:
+        return hit
+    pending = cache.inflight.get(key_hash)
+    if pending is not None:  # one lookup per key at a time: the others wait for its answer
+        await asyncio.wait([pending])
+        if not pending.cancelled() and pending.exception() is None:
+            return pending.result()
+    fut: asyncio.Future[User | None] = asyncio.get_running_loop().create_future()
+    cache.inflight[key_hash] = fut
+    try:
+        user = await _user_by_key(db, key_hash)
+    except BaseException:
+        fut.cancel()  # the waiters look it up themselves
+        raise
+    finally:
+        if cache.inflight.get(key_hash) is fut:
+            del cache.inflight[key_hash]
+    fut.set_result(user)
+    if user is not None:
         cache.put(key_hash, user)
     return user
+
+
+async def _user_by_key(db: Database, key_hash: str) -> User | None:
+    async with db.read() as s:
+        return (await s.execute(select(User).where(col(User.api_key_hash) == key_hash))).scalar_one_or_none()
 
 
 async def get_user(db: Database, user_id: str) -> User | None:

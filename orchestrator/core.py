@@ -56,7 +56,7 @@ class Core:
             lifecycle=Lifecycle(db, bus, registry, dispatcher),
             artifacts=ArtifactStore(settings.artifacts_dir),
             tokens=Tokens(settings.signing_key),
-            limiter=Limiter(settings.redis, settings.submit_rate),
+            limiter=Limiter(aredis, settings.submit_rate),
             keys=KeyCache(settings.api_key_cache_s),
         )
 

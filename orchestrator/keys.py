@@ -24,3 +24,8 @@ def cancel_flag(job_id: str) -> str:
 def worker_heartbeat(worker_name: str) -> str:
     """Set by a live worker every few seconds, expiring after ORCH_WORKER_LOST_AFTER."""
     return f"{PREFIX}:hb:{worker_name}"
+
+
+def rate_window(name: str, user_id: str, window: int) -> str:
+    """A user's count of `name` requests in fixed window number `window` (see ratelimit)."""
+    return f"{PREFIX}:rl:{name}:{user_id}:{window}"
