@@ -9,7 +9,9 @@ insufficient credits) raises to its caller alone and undoes nothing of the other
 - a change refuses (raises `REFUSALS`) before it writes anything, so a refusal needs no undo and
   the batch runs without SAVEPOINTs (they were 40 % of the writer's time);
 - any other error in a batch of several rolls it back and runs it again with each change in its
-  own SAVEPOINT, so only the failing change fails;
+  own SAVEPOINT, so only the failing change fails; if the transaction itself fails (a deadlock
+  between two processes' batches on Postgres, a lost connection), each change runs again in a
+  transaction of its own;
 - stored before announced: nothing is sent before the commit it belongs to has returned;
 - a burst of N changes costs one commit and one Redis round trip, not N.
 
@@ -93,16 +95,20 @@ class GroupCommit:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         changes = [p.change for p in batch]
+        outcomes: list[Done[Any] | Exception]
         try:
             try:
                 outcomes = await self.db.run_batch(lambda conn: _apply_all(conn, changes, savepoints=False))
             except _Redo:
                 outcomes = await self.db.run_batch(lambda conn: _apply_all(conn, changes, savepoints=True))
         except Exception as exc:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            # the transaction itself failed (a deadlock between two processes' batches on
+            # Postgres, a lost connection): each change again in a transaction of its own
+            outcomes = [await self._alone(change) for change in changes]
         announce = [a for o in outcomes if isinstance(o, Done) for a in o.announce]
         sent = True
         if announce:
@@ -118,6 +124,12 @@ class GroupCommit:
                 p.future.set_result((o.value, sent))
             else:
                 p.future.set_exception(o)
+
+    async def _alone(self, change: Callable[[Connection], Done[Any]]) -> Done[Any] | Exception:
+        try:
+            return await self.db.run_batch(change)
+        except Exception as exc:
+            return exc
 
 
 class _Redo(Exception):
