@@ -64,7 +64,6 @@ class GroupCommit:
         self.db = db
         self.send = send
         self._pending: list[_Pending] = []
-        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -73,25 +72,21 @@ class GroupCommit:
         were sent). Raises what the change raised, or the commit's error. `change` may run more
         than once (each time in a fresh transaction) and raises `REFUSALS` only before writing."""
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop, self._pending, self._wake = loop, [], asyncio.Event()
-            self._task = loop.create_task(self._writer(), name="group-commit")
+        if self._loop is not loop:
+            self._loop, self._pending, self._task = loop, [], None
         fut: asyncio.Future[tuple[Any, bool]] = loop.create_future()
         self._pending.append(_Pending(change, fut))
-        assert self._wake is not None
-        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._writer(), name="group-commit")
         value, sent = await fut
         return value, sent
 
     async def _writer(self) -> None:
-        assert self._wake is not None
-        wake = self._wake
-        while True:
-            await wake.wait()
-            wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._commit(batch)
+        """Commits batches while changes are pending, then ends (the next `run` starts another),
+        so an idle process holds no task."""
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         changes = [p.change for p in batch]
