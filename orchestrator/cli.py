@@ -11,7 +11,11 @@ import sys
 from orchestrator.settings import Settings
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, processes: int = 1, reuse_port: bool = False) -> int:
+    if processes > 1:
+        from orchestrator.serve import supervise
+
+        return supervise(processes)
     from aiohttp import web
 
     from orchestrator.app import create_app
@@ -24,8 +28,26 @@ def _serve(settings: Settings) -> int:
         handle_signals=True,
         shutdown_timeout=5,
         print=None,
+        reuse_port=reuse_port or None,
     )
     return 0
+
+
+def _processes(v: str) -> int:
+    n = _at_least_one(v)
+    if n > 64:
+        raise argparse.ArgumentTypeError("must be 1..64")
+    return n
+
+
+def _at_least_one(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
 
 
 def _users(args: argparse.Namespace, settings: Settings) -> int:
@@ -70,13 +92,6 @@ def _credits(v: str, low: int) -> int:
     return n
 
 
-def _positive_int(v: str) -> int:
-    n = int(v)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
-
-
 def _positive_credits(v: str) -> int:
     return _credits(v, 0)
 
@@ -91,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     dev = sub.add_parser("dev", help="Redis, SQLite, the API and workers on this machine")
     dev.add_argument("--workers", type=int, default=2)
-    sub.add_parser("serve", help="the API and WebSocket gateway")
+    serve = sub.add_parser("serve", help="the API and WebSocket gateway")
+    serve.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="API processes sharing the port (SO_REUSEPORT), each a full API and gateway (default 1)",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     w = sub.add_parser("worker", help="one warm RQ worker process, under a supervisor that restarts it")
     w.add_argument("--queues", default="train,generate")
     w.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    w.add_argument("--max-jobs", type=_positive_int, default=0, help="start a fresh process after N jobs")
+    w.add_argument("--max-jobs", type=_at_least_one, default=0, help="start a fresh process after N jobs")
     users = sub.add_parser("users", help="manage users")
     usub = users.add_subparsers(dest="users_cmd", required=True)
     uc = usub.add_parser("create")
@@ -124,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_dev(settings, args.workers)
     if args.cmd == "serve":
-        return _serve(settings)
+        return _serve(settings, args.processes, args.reuse_port)
     if args.cmd == "worker":
         from queues.supervisor import run_worker
 

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     submit_rate: str = Field("600/minute", validation_alias=_env("ORCH_SUBMIT_RATE"))
     redeliver_rate: str = Field("30/minute", validation_alias=_env("ORCH_REDELIVER_RATE"))
     """Per user: POST .../deliveries/{id}/redeliver calls (each makes an outbound request now)."""
+    api_key_cache_s: float = Field(5.0, ge=0, le=300, validation_alias=_env("ORCH_API_KEY_CACHE_SECONDS"))
+    """How long an API process trusts what an API key resolved to (a revoked key works that long)."""
     max_sockets_per_user: int = Field(200, validation_alias=_env("ORCH_MAX_SOCKETS_PER_USER"))
     max_subscriptions_per_socket: int = Field(500, validation_alias=_env("ORCH_MAX_SUBSCRIPTIONS_PER_SOCKET"))
     task_costs: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_COSTS"))
