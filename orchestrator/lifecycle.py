@@ -67,6 +67,7 @@ class Change:
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    keep_charge: bool = False
 
 
 @dataclass
@@ -353,6 +354,17 @@ class Lifecycle:
                 log.warning("provider cancel of %s failed: %s", job.id, exc)
         return job
 
+    async def keep_charge(self, job_id: str, message: str, data: dict[str, Any] | None, actor: str) -> Applied:
+        """A cancelled job that its provider ran to the end anyway (and billed): take its refund
+        back, once (ledger `charge_kept`), with a `log` event saying so. The status stays."""
+
+        def change(job: Job) -> Change:
+            if job.status != "cancelled" or job.refunded <= 0:
+                raise IllegalTransition(f"job {job_id} has no refund to take back")
+            return Change("log", message=message, data=data, keep_charge=True)
+
+        return await self._apply(job_id, actor, change)
+
     # ---- the one writer --------------------------------------------------------------------
 
     async def _apply(
@@ -374,7 +386,7 @@ class Lifecycle:
             if attempt is not None and job.attempts != attempt:
                 raise IllegalTransition(f"attempt {attempt} is stale (job is on attempt {job.attempts})")
             change = decide(job)
-            if old_status in FINAL:
+            if old_status in FINAL and not change.keep_charge:
                 raise IllegalTransition(f"job {job_id} is {old_status}")
             if change.status is not None and change.status not in ALLOWED[old_status]:
                 raise IllegalTransition(f"{old_status} → {change.status}")
@@ -406,6 +418,8 @@ class Lifecycle:
             job.updated_at = now
             if change.status in REFUNDED and job.refunded == 0 and job.cost > 0:
                 await self._refund(s, job, now)
+            if change.keep_charge:
+                await self._refund(s, job, now, taken_back=True)
             ev = JobEvent(
                 job_id=job.id,
                 seq=job.seq,
@@ -433,20 +447,21 @@ class Lifecycle:
             duration = now - job.started_at
         return Transition(job.queue, job.type, job.status, wait, duration)
 
-    async def _refund(self, s: AsyncSession, job: Job, now: float) -> None:
-        balance = await _move_credits(s, job.user_id, job.cost, allow_negative=True)
+    async def _refund(self, s: AsyncSession, job: Job, now: float, taken_back: bool = False) -> None:
+        delta = -job.refunded if taken_back else job.cost
+        balance = await _move_credits(s, job.user_id, delta, allow_negative=True)
         assert balance is not None
         s.add(
             LedgerEntry(
                 user_id=job.user_id,
                 job_id=job.id,
-                delta=job.cost,
-                reason="refund",
+                delta=delta,
+                reason="charge_kept" if taken_back else "refund",
                 balance_after=balance,
                 created_at=now,
             )
         )
-        job.refunded = job.cost
+        job.refunded = 0 if taken_back else job.cost
         try:
             await s.flush()
         except IntegrityError as exc:  # the unique (job, reason) index: refunded already
