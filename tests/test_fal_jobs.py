@@ -504,6 +504,36 @@ async def test_another_users_upload_or_artifact_is_not_found(papi: Api, polled: 
     assert await balance(papi) == before
 
 
+async def test_the_console_upscales_and_edits_a_finished_image(papi: Api, stub: FalStub, browser: Any):
+    for model in ("fal-ai/flux/schnell", "fal-ai/clarity-upscaler", "fal-ai/flux-pro/kontext"):
+        stub.set_behaviour(model, ModelBehaviour(**FAST))
+    job = await papi.submit("generate", {"arguments": {"prompt": "a fox"}}, type="fal.image")
+    [art] = (await papi.wait(job["jobId"], timeout_s=60))["result"]["artifacts"]
+    page = await browser.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        await page.goto(f"{papi.base}/#key={papi.key}")
+        await page.wait_for_selector("body[data-ready='1']")
+        card = page.locator(f"article.job[data-job-id='{job['jobId']}']")
+        await card.locator("button.upscale").click()
+        upscale = page.locator("article.job[data-type='fal.upscale']")
+        await upscale.locator("img.result-image").wait_for()
+        await card.locator("input.edit-prompt").fill("make it blue")
+        await card.locator("button.edit").click()
+        edit = page.locator("article.job[data-type='fal.edit']")
+        await edit.locator("img.result-image").wait_for()
+        up_id, edit_id = await upscale.get_attribute("data-job-id"), await edit.get_attribute("data-job-id")
+    finally:
+        await page.close()
+    assert errors == []
+    for job_id in (up_id, edit_id):
+        done = await papi.job(str(job_id))
+        assert done["status"] == "completed" and done["input"]["arguments"]["image_url"] == art["url"]
+    assert (await papi.job(str(edit_id)))["input"]["arguments"]["prompt"] == "make it blue"
+
+
 # --- money -------------------------------------------------------------------------------------
 
 
