@@ -394,7 +394,9 @@ async def test_a_fal_job_past_its_timeout_times_out(papi: Api, stub: FalStub):
     rid = await request_id(papi, job["jobId"])
     done = await papi.wait(job["jobId"], timeout_s=60)
     assert done["status"] == "timed_out" and done["error"]["code"] == "TIMEOUT"
-    assert stub.request(rid).cancelled
+    [timed_out] = [e for e in await papi.events(job["jobId"]) if e["status"] == "timed_out"]
+    assert timed_out["actor"] == "timeout"  # the sweeper's doing, as for every job
+    assert await stub.async_wait_for(lambda: stub.request(rid).cancelled, within=20)  # after the commit
 
 
 async def test_types_and_input_validation(papi: Api):
