@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -66,8 +67,8 @@ async def _read_file(request: web.Request, limit: int) -> bytes:
                     raise BadRequest("the multipart body has no file part")
                 if isinstance(part, BodyPartReader) and part.filename is not None:
                     return await _read_limited(part.read_chunk, limit)
-        except ValueError as exc:  # malformed multipart
-            raise BadRequest(f"unreadable multipart body: {exc}") from exc
+        except (ValueError, HttpProcessingError) as exc:  # malformed multipart (bad part headers)
+            raise BadRequest("unreadable multipart body") from exc
     return await _read_limited(request.content.read, limit)
 
 
