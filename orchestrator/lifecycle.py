@@ -118,6 +118,9 @@ class Change:
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    keep_charge: bool = False
+    """Take a final job's refund back (the provider ran and billed it anyway): the one change a
+    final job still accepts."""
 
 
 @dataclass
@@ -435,6 +438,17 @@ class Lifecycle:
                 log.warning("provider cancel of %s failed: %s", job.id, exc)
         return job
 
+    async def keep_charge(self, job_id: str, message: str, data: dict[str, Any] | None, actor: str) -> Applied:
+        """A cancelled job that its provider ran to the end anyway (and billed): take its refund
+        back, once (ledger `charge_kept`), with a `log` event saying so. The status stays."""
+
+        def change(job: Job) -> Change:
+            if job.status != "cancelled" or job.refunded <= 0:
+                raise IllegalTransition(f"job {job_id} has no refund to take back")
+            return Change("log", message=message, data=data, keep_charge=True)
+
+        return await self._apply(job_id, actor, change)
+
     # ---- the one writer --------------------------------------------------------------------
 
     async def _apply(
@@ -474,7 +488,7 @@ class Lifecycle:
         if attempt is not None and v["attempts"] != attempt:
             raise IllegalTransition(f"attempt {attempt} is stale (job is on attempt {v['attempts']})")
         change = decide(job)
-        if old_status in FINAL:
+        if old_status in FINAL and not change.keep_charge:
             raise IllegalTransition(f"job {job_id} is {old_status}")
         if change.status is not None and change.status not in ALLOWED[old_status]:
             raise IllegalTransition(f"{old_status} → {change.status}")
@@ -509,6 +523,10 @@ class Lifecycle:
             if move_credits(conn, v["user_id"], job_id, v["cost"], "refund", NO_FLOOR) is None:
                 raise NotFound("the job's user is gone")
             v["refunded"] = v["cost"]
+        if change.keep_charge:
+            if move_credits(conn, v["user_id"], job_id, -v["refunded"], "charge_kept", NO_FLOOR) is None:
+                raise NotFound("the job's user is gone")
+            v["refunded"] = 0
         conn.execute(UPDATE_JOB, {"job_id": job_id, **{k: v[k] for k in MUTABLE}})
         ev = _event_row(
             job_id,

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     """A queued job that Redis does not hold is enqueued again after this long."""
     sweep_interval_s: float = Field(5.0, validation_alias=_env("ORCH_SWEEP_INTERVAL"))
     fal_key: str = Field("", validation_alias=_env("FAL_KEY"))
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, validation_alias=_env("ORCH_MAX_UPLOAD_BYTES"))
+    """The largest file `POST /api/uploads` takes."""
+    upload_quota_bytes: int = Field(1024 * 1024 * 1024, ge=1, validation_alias=_env("ORCH_UPLOAD_QUOTA_BYTES"))
+    """What one user's uploads may hold at once (they expire with ORCH_RETENTION_DAYS)."""
     log_level: str = Field("INFO", validation_alias=_env("ORCH_LOG_LEVEL"))
 
     @cached_property
