@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(5.0, validation_alias=_env("ORCH_SWEEP_INTERVAL"))
     fal_key: str = Field("", validation_alias=_env("FAL_KEY"))
     log_level: str = Field("INFO", validation_alias=_env("ORCH_LOG_LEVEL"))
+    cors_origins: str = Field("", validation_alias=_env("ORCH_CORS_ORIGINS"))
+    """Comma separated browser origins (`https://app.example`) given CORS on /api and artifacts."""
+    ws_allow_any_origin: bool = Field(False, validation_alias=_env("ORCH_WS_ALLOW_ANY_ORIGIN"))
+    """Let /ws accept any Origin (else: listed in ORCH_CORS_ORIGINS or the API's own)."""
 
     @cached_property
     def db_url(self) -> str:
