@@ -391,3 +391,19 @@ async def test_unknown_job_and_wait(stack: Any, browser: Browser) -> None:
     assert got["failed"]["status"] == "failed" and got["failed"]["error"]["code"] == "TASK_ERROR"
     assert got["timeout"] == "TIMEOUT"
     assert not errors
+
+
+async def test_static_files_are_served_with_their_types(stack: Any, http: Any) -> None:
+    want = {
+        "client.js": "text/javascript",
+        "client.d.ts": "application/typescript",
+        "console.css": "text/css",
+        "index.html": "text/html",
+    }
+    for name, ctype in want.items():
+        async with http.get(f"{stack.url}/static/{name}") as r:
+            assert r.status == 200, name
+            assert r.headers["Content-Type"].split(";")[0] == ctype, name
+            assert len(await r.read()) > 0
+    async with http.get(f"{stack.url}/static/missing.js") as r:
+        assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
