@@ -4,6 +4,9 @@ import { generateImage, trainLora } from "./actions";
 import { JobProgress } from "./job-progress";
 import { LossChart } from "./loss-chart";
 
+/** A LoRA's name allows letters, digits, `-` and `_`. */
+const loraName = (text: string) => text.replace(/[^A-Za-z0-9_-]+/g, "-").slice(0, 64) || "lora";
+
 export function Demo() {
   const [jobIds, setJobIds] = useState<string[]>([]);
   const [prompt, setPrompt] = useState("a red fox");
@@ -13,7 +16,7 @@ export function Demo() {
       <form action={async () => add(await generateImage(prompt))}>
         <input value={prompt} onChange={(e) => setPrompt(e.target.value)} aria-label="prompt" />
         <button type="submit">Generate</button>
-        <button type="button" onClick={async () => add(await trainLora(prompt))}>
+        <button type="button" onClick={async () => add(await trainLora(loraName(prompt)))}>
           Train
         </button>
       </form>
