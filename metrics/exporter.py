@@ -4,11 +4,13 @@ any restart. Used by API processes' /metrics."""
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from redis import Redis
@@ -79,11 +81,16 @@ class ClusterCollector(Collector):
 
 
 def render(redis: Redis) -> bytes:
-    """The process's own metrics plus the cluster-wide ones."""
+    """The process's own metrics (summed over all API processes of one `serve --processes N`,
+    which share PROMETHEUS_MULTIPROC_DIR) plus the cluster-wide ones."""
+    own = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own = CollectorRegistry()
+        MultiProcessCollector(own)
     extra = CollectorRegistry(auto_describe=False)
     extra.register(ClusterCollector(redis))
     try:
         cluster = generate_latest(extra)
     except Exception:  # Redis down: still serve the process's own metrics
         cluster = b""
-    return generate_latest(REGISTRY) + cluster
+    return generate_latest(own) + cluster

@@ -11,9 +11,17 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LAG_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-WS_CLIENTS = Gauge("orchestrator_websocket_clients_connected", "WebSocket clients connected to this process.")
+WS_CLIENTS = Gauge(
+    "orchestrator_websocket_clients_connected",
+    "WebSocket clients connected to this process.",
+    multiprocess_mode="livesum",
+)
 WS_MESSAGES = Counter("orchestrator_websocket_messages_total", "Messages written to WebSocket clients.")
-SSE_CLIENTS = Gauge("orchestrator_sse_clients_connected", "Server-Sent Events streams open on this process.")
+SSE_CLIENTS = Gauge(
+    "orchestrator_sse_clients_connected",
+    "Server-Sent Events streams open on this process.",
+    multiprocess_mode="livesum",
+)
 WEBHOOK_DELIVERIES = Counter(
     "orchestrator_webhook_deliveries_total",
     "Webhook delivery attempts by outcome (success, retry, failed, gone, forbidden).",

@@ -1,8 +1,15 @@
 """Users, API keys (stored as SHA-256 hashes: keys are 256-bit random, so no slow hash is needed)
-and the credits ledger. The balance always equals the sum of the user's ledger."""
+and the credits ledger. The balance always equals the sum of the user's ledger: credits move
+only by inserting ledger rows, whose trigger (orchestrator.db) moves `users.credits`.
+
+`KeyCache` keeps what an API key resolved to for `ORCH_API_KEY_CACHE_SECONDS` (default 5) per
+API process, so a submit does not look its key up in SQL; a key that is revoked or changed keeps
+working in a process for at most that long. Unknown keys are not cached (a new key works at once).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import secrets
@@ -10,12 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import BigInteger, Connection, Float, String, bindparam, cast, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
 from orchestrator import secretbox
-from orchestrator.db import Database
+from orchestrator.db import Database, guard
 from orchestrator.errors import ApiError, NotFound, ValidationFailed
 from orchestrator.models import LedgerEntry, User
 from orchestrator.views import iso
@@ -51,75 +58,150 @@ class UserExists(ApiError):
     status, code = 409, "USER_EXISTS"
 
 
+USERS = User.__table__  # type: ignore[attr-defined]
+LEDGER = LedgerEntry.__table__  # type: ignore[attr-defined]
+NO_FLOOR = -(2**62)
+"""The balance floor for moves that may take it below zero (refunds never do; top-ups neither)."""
+
+_DELTA = cast(bindparam("delta", type_=BigInteger), BigInteger)
+MOVE_CREDITS = (
+    insert(LEDGER)
+    .from_select(
+        ["user_id", "job_id", "delta", "reason", "balance_after", "created_at"],
+        select(
+            USERS.c.id,
+            cast(bindparam("job_id", type_=String), String),
+            _DELTA,
+            cast(bindparam("reason", type_=String), String),
+            USERS.c.credits + _DELTA,
+            cast(bindparam("now", type_=Float), Float),
+        )
+        .where(USERS.c.id == bindparam("user_id"), USERS.c.credits + _DELTA >= bindparam("floor", type_=BigInteger))
+        .with_for_update(),
+    )
+    .returning(LEDGER.c.balance_after)
+)
+"""A ledger row moving a user's balance by `delta` unless that takes it below `floor`; the
+trigger moves `users.credits`. Returns the new balance, or no row."""
+
+
+def move_credits(conn: Connection, user_id: str, job_id: str | None, delta: int, reason: str, floor: int) -> int | None:
+    """Add `delta` to a balance with its ledger row; None if it would go below `floor` (or no user)."""
+    row = conn.execute(
+        MOVE_CREDITS,
+        {"user_id": user_id, "job_id": job_id, "delta": delta, "reason": reason, "now": time.time(), "floor": floor},
+    ).first()
+    return None if row is None else int(row[0])
+
+
 async def create_user(db: Database, name: str, credits: int = 0, *, signing_key: str) -> NewUser:
     """The webhook secret is returned in the clear (shown once) and stored sealed (secretbox)."""
     api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    now = time.time()
     user_id = "usr_" + secrets.token_urlsafe(9)
-    user = User(
-        id=user_id,
-        name=name,
-        api_key_hash=hash_key(api_key),
-        webhook_secret=secretbox.seal(signing_key, user_id, secret),
-        credits=0,
-        created_at=now,
-    )
+    row = {
+        "id": user_id,
+        "name": name,
+        "api_key_hash": hash_key(api_key),
+        "webhook_secret": secretbox.seal(signing_key, user_id, secret),
+        "credits": 0,
+        "created_at": time.time(),
+    }
+
+    def change(conn: Connection) -> None:
+        conn.execute(insert(USERS), row)
+        if credits:
+            move_credits(conn, user_id, None, credits, "topup", 0)
+
     try:
-        async with db.write() as s:
-            s.add(user)
-            await s.flush()
-            if credits:
-                user.credits = credits
-                s.add(
-                    LedgerEntry(
-                        user_id=user.id,
-                        job_id=None,
-                        delta=credits,
-                        reason="topup",
-                        balance_after=credits,
-                        created_at=now,
-                    )
-                )
+        async with guard():
+            await db.run_batch(change)
     except IntegrityError as exc:
         raise UserExists(f"a user named {name!r} exists") from exc
-    return NewUser(user.id, name, api_key, secret, credits)
+    return NewUser(user_id, name, api_key, secret, credits)
 
 
 async def add_credits(db: Database, name: str, amount: int) -> int:
     """A top-up of 1..MAX_CREDIT credits; anything else is ValidationFailed and changes nothing."""
     if not 1 <= amount <= MAX_CREDIT:
         raise ValidationFailed(f"a top-up must be 1..{MAX_CREDIT} credits, not {amount}")
-    now = time.time()
-    async with db.write() as s:
-        row = (
-            await s.execute(
-                update(User)
-                .where(col(User.name) == name)
-                .values(credits=col(User.credits) + amount)
-                .returning(col(User.id), col(User.credits))
-            )
-        ).first()
-        if row is None:
-            raise NotFound(f"no user named {name!r}")
-        s.add(
-            LedgerEntry(
-                user_id=row[0],
-                job_id=None,
-                delta=amount,
-                reason="topup",
-                balance_after=int(row[1]),
-                created_at=now,
-            )
-        )
-        return int(row[1])
+
+    def change(conn: Connection) -> int | None:
+        user_id = conn.execute(select(USERS.c.id).where(USERS.c.name == bindparam("name")), {"name": name}).scalar()
+        if user_id is None:
+            return None
+        return move_credits(conn, str(user_id), None, amount, "topup", NO_FLOOR)
+
+    async with guard():
+        balance = await db.run_batch(change)
+    if balance is None:
+        raise NotFound(f"no user named {name!r}")
+    return balance
 
 
-async def authenticate(db: Database, api_key: str) -> User | None:
+class KeyCache:
+    """API key hash → user, each entry kept `ttl_s` seconds (0 disables the cache)."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, User]] = {}
+        self.inflight: dict[str, asyncio.Future[User | None]] = {}
+
+    def get(self, key_hash: str) -> User | None:
+        hit = self._entries.get(key_hash)
+        if hit is None:
+            return None
+        if hit[0] <= time.monotonic():
+            del self._entries[key_hash]
+            return None
+        return hit[1]
+
+    def put(self, key_hash: str, user: User) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            now = time.monotonic()
+            self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+        self._entries[key_hash] = (time.monotonic() + self.ttl_s, user)
+
+
+async def authenticate(db: Database, api_key: str, cache: KeyCache | None = None) -> User | None:
     if not api_key.startswith(API_KEY_PREFIX) or len(api_key) > 200:
         return None
+    key_hash = hash_key(api_key)
+    if cache is None:
+        return await _user_by_key(db, key_hash)
+    hit = cache.get(key_hash)
+    if hit is not None:
+        return hit
+    pending = cache.inflight.get(key_hash)
+    if pending is not None:  # one lookup per key at a time: the others wait for its answer
+        await asyncio.wait([pending])
+        if not pending.cancelled() and pending.exception() is None:
+            return pending.result()
+    fut: asyncio.Future[User | None] = asyncio.get_running_loop().create_future()
+    cache.inflight[key_hash] = fut
+    try:
+        user = await _user_by_key(db, key_hash)
+    except BaseException:
+        fut.cancel()  # the waiters look it up themselves
+        raise
+    finally:
+        if cache.inflight.get(key_hash) is fut:
+            del cache.inflight[key_hash]
+    fut.set_result(user)
+    if user is not None:
+        cache.put(key_hash, user)
+    return user
+
+
+async def _user_by_key(db: Database, key_hash: str) -> User | None:
     async with db.read() as s:
-        return (await s.execute(select(User).where(col(User.api_key_hash) == hash_key(api_key)))).scalar_one_or_none()
+        return (await s.execute(select(User).where(col(User.api_key_hash) == key_hash))).scalar_one_or_none()
 
 
 async def get_user(db: Database, user_id: str) -> User | None:

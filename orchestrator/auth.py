@@ -56,14 +56,20 @@ def bearer(header: str | None) -> str | None:
 
 
 async def authenticate(
-    db: Database, tokens: Tokens, header: str | None, token: str | None, allow_token: bool
+    db: Database,
+    tokens: Tokens,
+    header: str | None,
+    token: str | None,
+    allow_token: bool,
+    keys: accounts.KeyCache | None = None,
 ) -> Principal:
+    """The caller; API keys are resolved through `keys` when given (see accounts.KeyCache)."""
     key = bearer(header)
     if key:
         if key.startswith(TOKEN_PREFIX) and allow_token:
             token = key
         else:
-            user = await accounts.authenticate(db, key)
+            user = await accounts.authenticate(db, key, keys)
             if user is None:
                 raise Unauthorized("invalid API key")
             return Principal(user.id, user.name)

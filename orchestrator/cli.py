@@ -12,7 +12,11 @@ import sys
 from orchestrator.settings import Settings
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, processes: int = 1, reuse_port: bool = False) -> int:
+    if processes > 1:
+        from orchestrator.serve import supervise
+
+        return supervise(processes)
     from aiohttp import web
 
     from orchestrator.app import create_app
@@ -25,8 +29,26 @@ def _serve(settings: Settings) -> int:
         handle_signals=True,
         shutdown_timeout=5,
         print=None,
+        reuse_port=reuse_port or None,
     )
     return 0
+
+
+def _processes(v: str) -> int:
+    n = _at_least_one(v)
+    if n > 64:
+        raise argparse.ArgumentTypeError("must be 1..64")
+    return n
+
+
+def _at_least_one(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
 
 
 def _users(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,13 +93,6 @@ def _credits(v: str, low: int) -> int:
     return n
 
 
-def _positive_int(v: str) -> int:
-    n = int(v)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
-
-
 def _positive_credits(v: str) -> int:
     return _credits(v, 0)
 
@@ -91,17 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     dev = sub.add_parser("dev", help="Redis, SQLite, the API and workers on this machine")
-    dev.add_argument("--workers", type=_positive_int, default=2, help="worker processes (2)")
-    dev.add_argument("--port", type=_positive_int, help="the API's port (else ORCH_PORT, 8080)")
+    dev.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    dev.add_argument("--port", type=_at_least_one, help="the API's port (else ORCH_PORT, 8080)")
     dev.add_argument(
-        "--redis-port", type=_positive_int, help="the embedded Redis's port (else ORCH_REDIS_PORT, any free)"
+        "--redis-port", type=_at_least_one, help="the embedded Redis's port (else ORCH_REDIS_PORT, any free)"
     )
     dev.add_argument("--data-dir", help="SQLite, Redis data, artifacts, keys (else ORCH_DATA_DIR, ./.orchestrator)")
-    sub.add_parser("serve", help="the API and WebSocket gateway")
+    serve = sub.add_parser("serve", help="the API and WebSocket gateway")
+    serve.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="API processes sharing the port (SO_REUSEPORT), each a full API and gateway (default 1)",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     w = sub.add_parser("worker", help="one warm RQ worker process, under a supervisor that restarts it")
     w.add_argument("--queues", default="train,generate")
     w.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    w.add_argument("--max-jobs", type=_positive_int, default=0, help="start a fresh process after N jobs")
+    w.add_argument("--max-jobs", type=_at_least_one, default=0, help="start a fresh process after N jobs")
     users = sub.add_parser("users", help="manage users")
     usub = users.add_subparsers(dest="users_cmd", required=True)
     uc = usub.add_parser("create")
@@ -142,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_dev(settings, args.workers)
     if args.cmd == "serve":
-        return _serve(settings)
+        return _serve(settings, args.processes, args.reuse_port)
     if args.cmd == "worker":
         from queues.supervisor import run_worker
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio as aioredis
 
+from orchestrator.accounts import KeyCache
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.auth import Tokens
 from orchestrator.bus import EventBus
@@ -32,6 +33,7 @@ class Core:
     artifacts: ArtifactStore
     tokens: Tokens
     limiter: Limiter
+    keys: KeyCache
 
     @classmethod
     async def open(cls, settings: Settings, create_schema: bool = True) -> Core:
@@ -48,7 +50,7 @@ class Core:
         sync_redis = redis.Redis(connection_pool=sync_pool)
         registry = build_registry(settings)
         bus = EventBus(aredis, settings.retention_days * 86400)
-        dispatcher = Dispatcher(sync_redis)
+        dispatcher = Dispatcher(sync_redis, aredis)
         return cls(
             settings=settings,
             db=db,
@@ -60,7 +62,8 @@ class Core:
             lifecycle=Lifecycle(db, bus, registry, dispatcher),
             artifacts=ArtifactStore(settings.artifacts_dir),
             tokens=Tokens(settings.signing_key),
-            limiter=Limiter(settings.redis, settings.submit_rate, settings.redeliver_rate),
+            limiter=Limiter(aredis, settings.submit_rate, settings.redeliver_rate),
+            keys=KeyCache(settings.api_key_cache_s),
         )
 
     async def readiness(self) -> dict[str, str]:

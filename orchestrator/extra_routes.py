@@ -8,7 +8,7 @@ from orchestrator.routes import Route
 
 def extra_routes() -> list[Route]:
     routes: list[Route] = []
-    for module in ("orchestrator.webhook_routes", "orchestrator.fal_webhook"):
+    for module in ("orchestrator.webhook_routes", "orchestrator.fal_webhook", "orchestrator.upload_routes"):
         try:
             mod = __import__(module, fromlist=["ROUTES"])
         except ModuleNotFoundError as exc:

@@ -1,8 +1,8 @@
 """`POST /api/providers/fal/webhook/{jobId}?token=…`: fal's callback when a request ends.
 
 No API key: the caller proves itself with the per-job token that only our submit put into the
-URL (an HMAC of the job id, checked in constant time), and, with ORCH_FAL_VERIFY_WEBHOOKS=1,
-with fal's own ED25519 signature (`X-Fal-Webhook-*` headers, keys from fal's JWKS).
+URL (an HMAC of the job id, checked in constant time), and with fal's own ED25519 signature
+(`X-Fal-Webhook-*` headers, keys from fal's JWKS), unless ORCH_FAL_VERIFY_WEBHOOKS=0.
 
 The outcome goes through `fal_tasks.settle`, like the poller's: a repeated or late delivery
 answers 200 and changes nothing, so fal stops retrying it.
@@ -57,7 +57,7 @@ class FalWebhookQuery(BaseModel):
 class FalWebhookAck(BaseModel):
     ok: bool
     jobId: str
-    outcome: Literal["completed", "failed", "ignored"]
+    outcome: Literal["completed", "failed", "charged", "ignored"]
     reason: str | None = None
 
 
@@ -68,7 +68,7 @@ async def fal_webhook(request: web.Request) -> web.Response:
     if not ft.token_ok(c.settings.signing_key, job_id, request.query.get("token", "")):
         raise Unauthorized("invalid webhook token")
     raw = await _read_body(request)
-    if fs.verify_webhooks and not verify_signature(request.headers, raw, await jwks_keys(fs.jwks_url)):
+    if fs.verify_webhooks and not await signature_ok(request.headers, raw, fs.jwks_url, fs.jwks_refetch_s):
         raise Unauthorized("invalid fal webhook signature")
     try:
         hook = parse_webhook(orjson.loads(raw))
@@ -119,7 +119,7 @@ def verify_signature(
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     except ImportError as exc:  # a dev dependency (via trustme); production needs it installed
-        raise Unavailable("ORCH_FAL_VERIFY_WEBHOOKS=1 needs the 'cryptography' package") from exc
+        raise Unavailable("checking fal's webhook signature needs the 'cryptography' package") from exc
 
     request_id = headers.get("X-Fal-Webhook-Request-Id", "")
     user_id = headers.get("X-Fal-Webhook-User-Id", "")
@@ -146,10 +146,27 @@ def verify_signature(
 _jwks_cache: dict[str, tuple[float, list[bytes]]] = {}
 
 
-async def jwks_keys(url: str) -> list[bytes]:
-    """fal's Ed25519 public keys (raw bytes), cached for a day; 503 when they cannot be had."""
+async def signature_ok(headers: Mapping[str, str], body: bytes, jwks_url: str, refetch_after_s: float) -> bool:
+    """fal's signature under the cached keys; when none verifies (fal's headers name no key, so
+    an unknown key looks like this), the JWKS is fetched again, at most once per
+    `refetch_after_s`, and the signature tried once more. A failed fetch lets nothing through."""
+    if verify_signature(headers, body, await jwks_keys(jwks_url)):
+        return True
+    fetched = _jwks_cache.get(jwks_url)
+    if fetched is not None and time.monotonic() - fetched[0] < refetch_after_s:
+        return False
+    try:
+        keys = await jwks_keys(jwks_url, refresh=True)
+    except Unavailable:
+        return False
+    return verify_signature(headers, body, keys)
+
+
+async def jwks_keys(url: str, refresh: bool = False) -> list[bytes]:
+    """fal's Ed25519 public keys (raw bytes), cached for a day; 503 when they cannot be had.
+    `refresh` fetches them again; if that fails the cached keys stay, and an error is raised."""
     cached = _jwks_cache.get(url)
-    if cached and time.monotonic() - cached[0] < JWKS_TTL_S:
+    if cached and not refresh and time.monotonic() - cached[0] < JWKS_TTL_S:
         return cached[1]
     try:
         async with httpx.AsyncClient(timeout=10) as client:
@@ -157,8 +174,10 @@ async def jwks_keys(url: str) -> list[bytes]:
             resp.raise_for_status()
             doc = resp.json()
     except (httpx.HTTPError, ValueError) as exc:
-        if cached:
+        if cached and not refresh:
             return cached[1]
+        if cached:  # the failed attempt counts: no refetch storm
+            _jwks_cache[url] = (time.monotonic(), cached[1])
         raise Unavailable(f"cannot fetch fal's webhook keys: {exc}") from exc
     found = [
         base64.urlsafe_b64decode(k["x"] + "=" * (-len(k["x"]) % 4))

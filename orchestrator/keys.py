@@ -34,3 +34,8 @@ SLOT_PROCESSES = f"{PREFIX}:slots:processes"
 def slots(process: str) -> str:
     """Hash of one API process's open sockets and streams per user, expiring without a heartbeat."""
     return f"{PREFIX}:slots:{process}"
+
+
+def rate_window(name: str, user_id: str, window: int) -> str:
+    """A user's count of `name` requests in fixed window number `window` (see ratelimit)."""
+    return f"{PREFIX}:rl:{name}:{user_id}:{window}"

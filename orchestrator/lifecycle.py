@@ -1,13 +1,27 @@
 """The one owner of a job's life.
 
-Every change of a job goes through `Lifecycle._apply`, which in one SQL transaction:
-1. takes the job's row lock and its next `seq` (`UPDATE jobs SET seq = seq + 1 ... RETURNING`,
-   which is also what makes SQLite hand out the write lock before anything is read),
-2. checks the change against the state machine (an illegal one rolls the whole thing back),
+Every change of a job is a synchronous function over SQLAlchemy Core statements built once at
+import (the engine caches their compiled form), run by the process's `GroupCommit`: the changes
+that arrive meanwhile share one transaction, each in a SAVEPOINT, one commit, then one Redis
+pipeline with every event they announce. `_apply` is the change for a transition:
+1. reads the job's row (`SELECT ... FOR UPDATE` on Postgres; SQLite's `BEGIN IMMEDIATE` already
+   holds the write lock) and takes its next `seq`,
+2. checks the change against the state machine and the attempt (a refused change raises to its
+   caller alone; nothing of it was written),
 3. writes the job row, the event and, on failed/cancelled/timed_out, the refund,
 4. queues webhook deliveries the job asked for,
-and only after the commit publishes the event. Routes, workers, the sweeper and providers call
-the methods below; none of them writes job state itself.
+and the event is published only after the commit. Routes, workers, the sweeper and providers
+call the methods below; none of them writes job state itself.
+
+A submit is three statements in one transaction: the charge (`INSERT INTO ledger ... SELECT ...
+FROM users WHERE credits + delta >= 0`, locking the user's row on Postgres; the ledger trigger in
+orchestrator.db moves `users.credits` in the same statement, so the balance is the sum of the
+ledger and concurrent submits cannot take it below zero), the job, its first event. An
+idempotent submit adds a fourth (attach the key), a webhook a fifth (its outbox row). We chose
+the trigger over a Postgres CTE because it is one statement on SQLite and Postgres alike. The
+enqueue (RQ's own job hash and queue push, see queues.dispatch) goes out in the same Redis
+pipeline as the `queued` event, after the commit; if that pipeline fails the job is taken back
+(charge, job and event deleted; the delete trigger restores the balance) and the caller gets 503.
 
     queued ──▶ running ──▶ completed | failed | cancelled | timed_out
       │           │
@@ -20,24 +34,25 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlalchemy.orm import configure_mappers
+from sqlalchemy.orm.base import manager_of_class
 
 from orchestrator import idempotency
+from orchestrator.accounts import NO_FLOOR, move_credits
 from orchestrator.bus import EventBus, Transition
-from orchestrator.db import Database
+from orchestrator.db import Database, guard
 from orchestrator.errors import Conflict, IllegalTransition, InsufficientCredits, NotFound, Unavailable
+from orchestrator.group_commit import Announce, Done, GroupCommit
 from orchestrator.jobs import JOB_ID
-from orchestrator.models import Job, JobEvent, LedgerEntry, User, WebhookDelivery
-from orchestrator.views import FINAL, event_dict
-from orchestrator.webhook_queue import queue_delivery
+from orchestrator.models import Job, JobEvent, LedgerEntry, WebhookDelivery
+from orchestrator.views import FINAL, event_from_row
+from orchestrator.webhook_queue import delivery_row
 from queues.dispatch import Dispatcher
 from queues.registry import Registry, TaskType
 
@@ -49,6 +64,42 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 REFUNDED = frozenset({"failed", "cancelled", "timed_out"})
 DEFAULT_WEBHOOK_EVENTS = ("completed", "failed", "cancelled", "timed_out")
+JOBS = Job.__table__  # type: ignore[attr-defined]
+EVENTS = JobEvent.__table__  # type: ignore[attr-defined]
+LEDGER = LedgerEntry.__table__  # type: ignore[attr-defined]
+DELIVERIES = WebhookDelivery.__table__  # type: ignore[attr-defined]
+
+MUTABLE = (
+    "status",
+    "progress",
+    "message",
+    "result",
+    "error",
+    "attempts",
+    "seq",
+    "refunded",
+    "eta_seconds",
+    "provider_request_id",
+    "worker_name",
+    "started_at",
+    "finished_at",
+    "updated_at",
+)
+SELECT_JOB = select(JOBS).where(JOBS.c.id == bindparam("job_id")).with_for_update()
+UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("job_id"))
+INSERT_JOB = insert(JOBS)
+INSERT_EVENT = insert(EVENTS)
+INSERT_DELIVERY = insert(DELIVERIES)
+_recent = (
+    select((JOBS.c.finished_at - JOBS.c.started_at).label("d"))
+    .where(JOBS.c.type == bindparam("type"), JOBS.c.status == "completed", JOBS.c.started_at.is_not(None))
+    .order_by(JOBS.c.finished_at.desc())
+    .limit(20)
+    .subquery()
+)
+TYPICAL_DURATION = select(func.avg(_recent.c.d))
+configure_mappers()
+_JOB_MANAGER = manager_of_class(Job)
 
 
 def new_job_id() -> str:
@@ -67,6 +118,9 @@ class Change:
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    keep_charge: bool = False
+    """Take a final job's refund back (the provider ran and billed it anyway): the one change a
+    final job still accepts."""
 
 
 @dataclass
@@ -87,7 +141,13 @@ class Lifecycle:
         self.bus = bus
         self.registry = registry
         self.dispatcher = dispatcher
+        self.writer = GroupCommit(db, bus.send)
         self._eta_cache: dict[str, tuple[float, float | None]] = {}
+        self._prepared = False
+
+    async def _run(self, change: Callable[[Connection], Done[Any]]) -> tuple[Any, bool]:
+        async with guard():
+            return await self.writer.run(change)
 
     # ---- submit -------------------------------------------------------------------------
 
@@ -103,8 +163,9 @@ class Lifecycle:
         request_hash: str = "",
     ) -> tuple[Job, bool]:
         """Charge, store and enqueue a job. Returns (job, replayed)."""
+        await self._prepare_queues()
         if idempotency_key:
-            existing = await idempotency.claim(self.db, user_id, idempotency_key, request_hash)
+            existing = await self._claim(user_id, idempotency_key, request_hash)
             if existing is not None:
                 async with self.db.read() as s:
                     job = await s.get(Job, existing)
@@ -112,22 +173,44 @@ class Lifecycle:
                     raise NotFound("job not found")
                 return job, True
         try:
-            job, event = await self._create(user_id, task, input_, webhook_url, webhook_events, idempotency_key)
+            (job, _event), sent = await self._run(
+                self._create(user_id, task, input_, webhook_url, webhook_events, idempotency_key)
+            )
         except BaseException:
             if idempotency_key:
-                await idempotency.release(self.db, user_id, idempotency_key)
+                await self._release(user_id, idempotency_key)
             raise
-        try:
-            await self.dispatcher.aenqueue(job.id, task.queue, 1, task.timeout_s)
-        except BaseException as exc:
-            await self._undo_create(job, idempotency_key)
-            if not isinstance(exc, (RedisError, OSError)):
-                raise
-            raise Unavailable(f"queue unavailable: {type(exc).__name__}") from exc
-        await self.bus.publish(event, Transition(job.queue, job.type, "queued"))
+        if not sent:
+            await self._run(self._undo_create(job, idempotency_key))
+            raise Unavailable("queue unavailable: Redis did not take the job")
         return job, False
 
-    async def _create(
+    async def _prepare_queues(self) -> None:
+        """Once per process: what RQ needs to know to write an enqueue without asking Redis."""
+        if self._prepared:
+            return
+        try:
+            await self.dispatcher.prepare(self.bus.redis, sorted({t.queue for t in self.registry.all()}))
+        except Exception as exc:
+            raise Unavailable(f"queue unavailable: {type(exc).__name__}") from exc
+        self._prepared = True
+
+    async def _claim(self, user_id: str, key: str, request_hash: str) -> str | None:
+        for _ in range(3):
+            try:
+                job_id, _sent = await self._run(idempotency.claim(user_id, key, request_hash))
+                return job_id
+            except IntegrityError:
+                continue  # a concurrent first request inserted it; look again
+        raise Conflict("a request with this Idempotency-Key is in progress", code="IDEMPOTENCY_KEY_IN_USE")
+
+    async def _release(self, user_id: str, key: str) -> None:
+        try:
+            await self._run(idempotency.release(user_id, key))
+        except Exception:  # the key expires anyway; nothing was charged
+            pass
+
+    def _create(
         self,
         user_id: str,
         task: TaskType,
@@ -135,69 +218,69 @@ class Lifecycle:
         webhook_url: str | None,
         webhook_events: list[str] | None,
         idempotency_key: str | None,
-    ) -> tuple[Job, dict[str, Any]]:
+    ) -> Callable[[Connection], Done[tuple[Job, dict[str, Any]]]]:
         now = time.time()
-        job = Job(
-            id=new_job_id(),
-            user_id=user_id,
-            type=task.name,
-            queue=task.queue,
-            status="queued",
-            input=input_,
-            seq=1,
-            cost=task.cost,
-            webhook_url=webhook_url,
-            webhook_events=webhook_events,
-            created_at=now,
-            updated_at=now,
-            message="queued",
-        )
-        ev = JobEvent(
-            job_id=job.id,
-            seq=1,
-            type="status",
-            status="queued",
-            progress=0.0,
-            message="queued",
-            actor=f"user:{user_id}",
-            ts=now,
-        )
-        async with self.db.write() as s:
-            balance = await _move_credits(s, user_id, -task.cost)
-            if balance is None:
-                raise InsufficientCredits(f"this job costs {task.cost} credits", details={"cost": task.cost})
-            s.add(job)
-            await s.flush()
-            s.add(ev)
-            s.add(
-                LedgerEntry(
-                    user_id=user_id,
-                    job_id=job.id,
-                    delta=-task.cost,
-                    reason="charge",
-                    balance_after=balance,
-                    created_at=now,
-                )
-            )
-            if idempotency_key:
-                await idempotency.attach(s, user_id, idempotency_key, job.id)
-            event = event_dict(ev)
-            await self._queue_webhook(s, job, event)
-        return job, event
+        values: dict[str, Any] = {
+            "id": new_job_id(),
+            "user_id": user_id,
+            "type": task.name,
+            "queue": task.queue,
+            "status": "queued",
+            "progress": 0.0,
+            "message": "queued",
+            "input": input_,
+            "result": None,
+            "error": None,
+            "attempts": 0,
+            "seq": 1,
+            "cost": task.cost,
+            "refunded": 0,
+            "eta_seconds": None,
+            "webhook_url": webhook_url,
+            "webhook_events": webhook_events,
+            "provider_request_id": None,
+            "worker_name": None,
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "updated_at": now,
+        }
+        job = job_from_row(values)
+        ev = _event_row(job.id, 1, "status", "queued", 0.0, "queued", None, None, f"user:{user_id}", None, now)
+        event = event_from_row(ev)
 
-    async def _undo_create(self, job: Job, idempotency_key: str | None) -> None:
-        """The enqueue failed: take the job back as if it was never submitted."""
-        async with self.db.write() as s:
-            await _move_credits(s, job.user_id, job.cost, allow_negative=True)
-            await s.execute(delete(WebhookDelivery).where(col(WebhookDelivery.job_id) == job.id))
-            await s.execute(delete(JobEvent).where(col(JobEvent.job_id) == job.id))
-            await s.execute(delete(LedgerEntry).where(col(LedgerEntry.job_id) == job.id))
-            await s.flush()
+        def change(conn: Connection) -> Done[tuple[Job, dict[str, Any]]]:
+            if move_credits(conn, user_id, job.id, -task.cost, "charge", 0) is None:
+                raise InsufficientCredits(f"this job costs {task.cost} credits", details={"cost": task.cost})
+            conn.execute(INSERT_JOB, values)
+            conn.execute(INSERT_EVENT, ev)
             if idempotency_key:
-                await idempotency.drop(s, job.user_id, idempotency_key)
-            stored = await s.get(Job, job.id)
-            if stored is not None:
-                await s.delete(stored)
+                idempotency.attach(conn, user_id, idempotency_key, job.id)
+            self._queue_webhook(conn, job, event)
+            return Done(
+                (job, event),
+                [
+                    lambda pipe: self.dispatcher.add_enqueue(pipe, job.id, task.queue, 1, task.timeout_s),
+                    lambda pipe: self.bus.add_event(pipe, event, Transition(job.queue, job.type, "queued")),
+                ],
+            )
+
+        return change
+
+    def _undo_create(self, job: Job, idempotency_key: str | None) -> Callable[[Connection], Done[None]]:
+        """The enqueue failed: take the job back as if it was never submitted (the ledger's
+        delete trigger gives the charge back)."""
+
+        def change(conn: Connection) -> Done[None]:
+            conn.execute(delete(DELIVERIES).where(DELIVERIES.c.job_id == job.id))
+            conn.execute(delete(EVENTS).where(EVENTS.c.job_id == job.id))
+            conn.execute(delete(LEDGER).where(LEDGER.c.job_id == job.id))
+            if idempotency_key:
+                idempotency.drop(conn, job.user_id, idempotency_key)
+            conn.execute(delete(JOBS).where(JOBS.c.id == job.id))
+            return Done(None)
+
+        return change
 
     # ---- transitions ---------------------------------------------------------------------
 
@@ -287,8 +370,16 @@ class Lifecycle:
         )
 
     async def retry(self, job_id: str, reason: str, actor: str, delay_s: float, attempt: int | None = None) -> Applied:
-        """running → queued for another attempt; the caller enqueues it after this returns."""
-        applied = await self._apply(
+        """running → queued for another attempt, enqueued in the same Redis round trip as its event
+        (if Redis fails, the sweeper enqueues queued rows that Redis lacks)."""
+
+        def enqueue(job: Job) -> Announce:
+            task = self.registry.get(job.type)
+            timeout = task.timeout_s if task else 3600
+            return lambda pipe: self.dispatcher.add_enqueue(pipe, job_id, job.queue, job.attempts + 1, timeout, delay_s)
+
+        await self._prepare_queues()
+        return await self._apply(
             job_id,
             actor,
             lambda j: Change(
@@ -304,14 +395,8 @@ class Lifecycle:
                 },
             ),
             attempt,
+            then=enqueue,
         )
-        task = self.registry.get(applied.job.type)
-        timeout = task.timeout_s if task else 3600
-        try:
-            await self.dispatcher.aenqueue(job_id, applied.job.queue, applied.job.attempts + 1, timeout, delay_s)
-        except (RedisError, OSError) as exc:  # the sweeper enqueues queued rows that Redis lacks
-            log.warning("re-enqueue of %s failed (%s); the sweeper will retry", job_id, exc)
-        return applied
 
     async def lose(self, job_id: str, attempt: int, reason: str, actor: str = "sweeper") -> Applied:
         """The attempt's worker is gone: retry when the type allows more attempts, else fail."""
@@ -353,77 +438,116 @@ class Lifecycle:
                 log.warning("provider cancel of %s failed: %s", job.id, exc)
         return job
 
+    async def keep_charge(self, job_id: str, message: str, data: dict[str, Any] | None, actor: str) -> Applied:
+        """A cancelled job that its provider ran to the end anyway (and billed): take its refund
+        back, once (ledger `charge_kept`), with a `log` event saying so. The status stays."""
+
+        def change(job: Job) -> Change:
+            if job.status != "cancelled" or job.refunded <= 0:
+                raise IllegalTransition(f"job {job_id} has no refund to take back")
+            return Change("log", message=message, data=data, keep_charge=True)
+
+        return await self._apply(job_id, actor, change)
+
     # ---- the one writer --------------------------------------------------------------------
 
     async def _apply(
-        self, job_id: str, actor: str, decide: Callable[[Job], Change], attempt: int | None = None
+        self,
+        job_id: str,
+        actor: str,
+        decide: Callable[[Job], Change],
+        attempt: int | None = None,
+        then: Callable[[Job], Announce] | None = None,
     ) -> Applied:
         """Apply one change. `attempt`, when given, must be the job's current attempt: a stale
-        attempt (an orphaned work horse, a retried job) can no longer write."""
+        attempt (an orphaned work horse, a retried job) can no longer write. `then` adds Redis
+        writes to the event's pipeline."""
         if not JOB_ID.fullmatch(job_id):
             raise NotFound("job not found")
+        applied, sent = await self._run(lambda conn: self._change(conn, job_id, actor, decide, attempt, then))
+        if not sent:
+            log.warning("announcing %s/%s failed; it is stored", job_id, applied.event["seq"])
+        return applied
+
+    def _change(
+        self,
+        conn: Connection,
+        job_id: str,
+        actor: str,
+        decide: Callable[[Job], Change],
+        attempt: int | None,
+        then: Callable[[Job], Announce] | None,
+    ) -> Done[Applied]:
         now = time.time()
+        row = conn.execute(SELECT_JOB, {"job_id": job_id}).mappings().first()
+        if row is None:
+            raise NotFound("job not found")
+        job = job_from_row(row)
+        v = job.__dict__  # the job's values, changed in place below (it is in no ORM session)
+        old_status = v["status"]
+        if attempt is not None and v["attempts"] != attempt:
+            raise IllegalTransition(f"attempt {attempt} is stale (job is on attempt {v['attempts']})")
+        change = decide(job)
+        if old_status in FINAL and not change.keep_charge:
+            raise IllegalTransition(f"job {job_id} is {old_status}")
+        if change.status is not None and change.status not in ALLOWED[old_status]:
+            raise IllegalTransition(f"{old_status} → {change.status}")
+        if change.status is None and change.kind == "progress" and old_status != "running":
+            # progress before start (a provider's queue position) keeps 0
+            change.progress = v["progress"]
+        v["seq"] += 1
+        v.update(change.fields)
+        if change.progress is not None:
+            p = min(100.0, max(0.0, float(change.progress)))
+            # never goes down within an attempt; a new attempt (running/queued again) resets
+            v["progress"] = p if change.status in ("running", "queued") else max(v["progress"], p)
+        if change.message is not None:
+            v["message"] = change.message[:1000]
+        if change.kind == "progress":
+            v["eta_seconds"] = self._eta(conn, job, now)
+        new_status = change.status or old_status
         transition: Transition | None = None
-        async with self.db.write() as s:
-            job = (
-                await s.execute(update(Job).where(col(Job.id) == job_id).values(seq=col(Job.seq) + 1).returning(Job))
-            ).scalar_one_or_none()
-            if job is None:
-                raise NotFound("job not found")
-            old_status = job.status
-            if attempt is not None and job.attempts != attempt:
-                raise IllegalTransition(f"attempt {attempt} is stale (job is on attempt {job.attempts})")
-            change = decide(job)
-            if old_status in FINAL:
-                raise IllegalTransition(f"job {job_id} is {old_status}")
-            if change.status is not None and change.status not in ALLOWED[old_status]:
-                raise IllegalTransition(f"{old_status} → {change.status}")
-            if change.status is None and change.kind == "progress" and old_status != "running":
-                # progress before start (a provider's queue position) keeps 0
-                change.progress = job.progress
-            for k, v in change.fields.items():
-                setattr(job, k, v)
-            if change.progress is not None:
-                p = min(100.0, max(0.0, float(change.progress)))
-                # never goes down within an attempt; a new attempt (running/queued again) resets
-                job.progress = p if change.status in ("running", "queued") else max(job.progress, p)
-            if change.message is not None:
-                job.message = change.message[:1000]
-            if change.kind == "progress":
-                job.eta_seconds = await self._eta(s, job, now)
-            new_status = change.status or old_status
-            if change.status is not None and change.status != old_status:
-                job.status = change.status
-                transition = self._transition(job, old_status, now)
-            if change.status in FINAL:
-                job.finished_at = now
-                job.eta_seconds = None
-                if change.status == "completed":
-                    job.result = change.result
-                    job.progress = 100.0
-                else:
-                    job.error = change.error
-            job.updated_at = now
-            if change.status in REFUNDED and job.refunded == 0 and job.cost > 0:
-                await self._refund(s, job, now)
-            ev = JobEvent(
-                job_id=job.id,
-                seq=job.seq,
-                type=change.kind,
-                status=new_status,
-                progress=job.progress,
-                message=change.message,
-                data=change.data,
-                error=change.error if change.kind == "status" else None,
-                actor=actor,
-                eta_seconds=job.eta_seconds if change.kind == "progress" else None,
-                ts=now,
-            )
-            s.add(ev)
-            event = event_dict(ev)
-            await self._queue_webhook(s, job, event)
-        await self.bus.publish(event, transition)
-        return Applied(job, event)
+        if change.status is not None and change.status != old_status:
+            v["status"] = change.status
+            transition = self._transition(job, old_status, now)
+        if change.status in FINAL:
+            v["finished_at"] = now
+            v["eta_seconds"] = None
+            if change.status == "completed":
+                v["result"] = change.result
+                v["progress"] = 100.0
+            else:
+                v["error"] = change.error
+        v["updated_at"] = now
+        if change.status in REFUNDED and v["refunded"] == 0 and v["cost"] > 0:
+            if move_credits(conn, v["user_id"], job_id, v["cost"], "refund", NO_FLOOR) is None:
+                raise NotFound("the job's user is gone")
+            v["refunded"] = v["cost"]
+        if change.keep_charge:
+            if move_credits(conn, v["user_id"], job_id, -v["refunded"], "charge_kept", NO_FLOOR) is None:
+                raise NotFound("the job's user is gone")
+            v["refunded"] = 0
+        conn.execute(UPDATE_JOB, {"job_id": job_id, **{k: v[k] for k in MUTABLE}})
+        ev = _event_row(
+            job_id,
+            v["seq"],
+            change.kind,
+            new_status,
+            v["progress"],
+            change.message,
+            change.data,
+            change.error if change.kind == "status" else None,
+            actor,
+            v["eta_seconds"] if change.kind == "progress" else None,
+            now,
+        )
+        conn.execute(INSERT_EVENT, ev)
+        event = event_from_row(ev)
+        self._queue_webhook(conn, job, event)
+        announce: list[Announce] = [lambda pipe: self.bus.add_event(pipe, event, transition)]
+        if then is not None:
+            announce.append(then(job))
+        return Done(Applied(job, event), announce)
 
     def _transition(self, job: Job, old_status: str, now: float) -> Transition:
         wait = duration = None
@@ -433,26 +557,7 @@ class Lifecycle:
             duration = now - job.started_at
         return Transition(job.queue, job.type, job.status, wait, duration)
 
-    async def _refund(self, s: AsyncSession, job: Job, now: float) -> None:
-        balance = await _move_credits(s, job.user_id, job.cost, allow_negative=True)
-        assert balance is not None
-        s.add(
-            LedgerEntry(
-                user_id=job.user_id,
-                job_id=job.id,
-                delta=job.cost,
-                reason="refund",
-                balance_after=balance,
-                created_at=now,
-            )
-        )
-        job.refunded = job.cost
-        try:
-            await s.flush()
-        except IntegrityError as exc:  # the unique (job, reason) index: refunded already
-            raise IllegalTransition("refund already recorded") from exc
-
-    async def _queue_webhook(self, s: AsyncSession, job: Job, event: dict[str, Any]) -> None:
+    def _queue_webhook(self, conn: Connection, job: Job, event: dict[str, Any]) -> None:
         if not job.webhook_url:
             return
         wanted = job.webhook_events or DEFAULT_WEBHOOK_EVENTS
@@ -460,15 +565,15 @@ class Lifecycle:
         if (event["type"] == "progress" and "progress" in wanted) or (
             event["type"] == "status" and event["status"] in wanted
         ):
-            await queue_delivery(s, job, event)
+            conn.execute(INSERT_DELIVERY, delivery_row(job, event))
 
-    async def _eta(self, s: AsyncSession, job: Job, now: float) -> float | None:
+    def _eta(self, conn: Connection, job: Job, now: float) -> float | None:
         """Remaining seconds: the job's own rate, blended early on with past jobs of its type."""
         own = None
         if job.started_at and job.progress > 0:
             elapsed = now - job.started_at
             own = elapsed * (100.0 - job.progress) / job.progress
-        typical = await self._typical_duration(s, job.type, now)
+        typical = self._typical_duration(conn, job.type, now)
         if typical is not None and job.started_at:
             hist = max(0.0, typical - (now - job.started_at))
             if own is None:
@@ -477,27 +582,50 @@ class Lifecycle:
             return round(w * own + (1 - w) * hist, 2)
         return round(own, 2) if own is not None else None
 
-    async def _typical_duration(self, s: AsyncSession, task_type: str, now: float) -> float | None:
+    def _typical_duration(self, conn: Connection, task_type: str, now: float) -> float | None:
         cached = self._eta_cache.get(task_type)
         if cached and now - cached[0] < 60:
             return cached[1]
-        recent = (
-            select((col(Job.finished_at) - col(Job.started_at)).label("d"))
-            .where(col(Job.type) == task_type, col(Job.status) == "completed", col(Job.started_at).is_not(None))
-            .order_by(col(Job.finished_at).desc())
-            .limit(20)
-            .subquery()
-        )
-        value = (await s.execute(select(func.avg(recent.c.d)))).scalar()
+        value = conn.execute(TYPICAL_DURATION, {"type": task_type}).scalar()
         typical = float(value) if value is not None else None
         self._eta_cache[task_type] = (now, typical)
         return typical
 
 
-async def _move_credits(s: AsyncSession, user_id: str, delta: int, allow_negative: bool = False) -> int | None:
-    """Add `delta` to a balance atomically; None if it would go below zero (or no such user)."""
-    stmt = update(User).where(col(User.id) == user_id)
-    if not allow_negative and delta < 0:
-        stmt = stmt.where(col(User.credits) >= -delta)
-    row = (await s.execute(stmt.values(credits=col(User.credits) + delta).returning(col(User.credits)))).first()
-    return None if row is None else int(row[0])
+def job_from_row(row: Mapping[Any, Any]) -> Job:
+    """A `Job` holding a row's values, built the way the ORM loads one (no validation, no
+    per-attribute events): ten times cheaper than `Job(**row)` on the hot path."""
+    job: Job = _JOB_MANAGER.new_instance()
+    job.__dict__.update(row)
+    object.__setattr__(job, "__pydantic_fields_set__", set(row))
+    object.__setattr__(job, "__pydantic_extra__", None)
+    object.__setattr__(job, "__pydantic_private__", None)
+    return job
+
+
+def _event_row(
+    job_id: str,
+    seq: int,
+    kind: str,
+    status: str,
+    progress: float,
+    message: str | None,
+    data: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    actor: str,
+    eta_seconds: float | None,
+    ts: float,
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "seq": seq,
+        "type": kind,
+        "status": status,
+        "progress": progress,
+        "message": message,
+        "data": data,
+        "error": error,
+        "actor": actor,
+        "eta_seconds": eta_seconds,
+        "ts": ts,
+    }

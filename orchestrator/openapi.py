@@ -20,10 +20,26 @@ ERRORS = {
     403: "Not allowed with this credential",
     404: "Not found (or another user's)",
     409: "Conflict (JOB_FINISHED, IDEMPOTENCY_KEY_IN_USE, DELIVERY_IN_PROGRESS)",
-    413: "Body too large",
-    422: "Validation failed (VALIDATION_ERROR, IDEMPOTENCY_KEY_REUSED, WEBHOOK_URL_FORBIDDEN)",
+    413: "Body too large (PAYLOAD_TOO_LARGE, UPLOAD_QUOTA_EXCEEDED)",
+    415: "Not an image (UNSUPPORTED_MEDIA_TYPE, uploads)",
+    422: "Validation failed (VALIDATION_ERROR, IDEMPOTENCY_KEY_REUSED, WEBHOOK_URL_FORBIDDEN, MODEL_NOT_ALLOWED)",
     429: "Rate limited (see Retry-After)",
     503: "Redis or the database is down (UNAVAILABLE)",
+}
+
+UPLOAD_BODY = {
+    "required": True,
+    "description": "The image itself (with its own Content-Type, e.g. image/png), or one multipart file part",
+    "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
+        },
+    },
 }
 
 
@@ -106,6 +122,8 @@ def build() -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}},
             }
+        if r.path == "/api/uploads":
+            op["requestBody"] = UPLOAD_BODY
         responses: dict[str, Any] = {}
         if r.response is None:
             responses[str(r.status)] = {"description": "An event stream", "content": {"text/event-stream": {}}}

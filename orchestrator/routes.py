@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from orchestrator import accounts, jobs
+from orchestrator import accounts, jobs, uploads
 from orchestrator import api_models as m
 from orchestrator.errors import NotFound, ValidationFailed
 from orchestrator.ssrf import check_url
@@ -40,6 +40,11 @@ async def submit(request: web.Request, queue: str) -> web.Response:
             details=[{"field": "type", "message": f"must be one of {known}"}],
         )
     inp = validate(task.input_model, req.input, prefix="input").model_dump(mode="json", by_alias=True)
+    origins = {o for o in (c.settings.public_url.rstrip("/"), f"{request.scheme}://{request.host}") if o}
+    inp = await uploads.own_input_files(c, user.user_id, inp, origins)
+    price = task.extra.get("price")
+    if price is not None:  # a cost that depends on the input (a fal type's model)
+        task = replace(task, cost=price(inp))
     if req.webhook_url:
         await check_url(req.webhook_url, c.settings.webhook_allow_private)
     key = request.headers.get("Idempotency-Key")

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     submit_rate: str = Field("600/minute", validation_alias=_env("ORCH_SUBMIT_RATE"))
     redeliver_rate: str = Field("30/minute", validation_alias=_env("ORCH_REDELIVER_RATE"))
     """Per user: POST .../deliveries/{id}/redeliver calls (each makes an outbound request now)."""
+    api_key_cache_s: float = Field(5.0, ge=0, le=300, validation_alias=_env("ORCH_API_KEY_CACHE_SECONDS"))
+    """How long an API process trusts what an API key resolved to (a revoked key works that long)."""
     max_sockets_per_user: int = Field(200, validation_alias=_env("ORCH_MAX_SOCKETS_PER_USER"))
     max_subscriptions_per_socket: int = Field(500, validation_alias=_env("ORCH_MAX_SUBSCRIPTIONS_PER_SOCKET"))
     task_costs: dict[str, int] = Field(default_factory=dict, validation_alias=_env("ORCH_TASK_COSTS"))
@@ -52,6 +54,10 @@ class Settings(BaseSettings):
     """A queued job that Redis does not hold is enqueued again after this long."""
     sweep_interval_s: float = Field(5.0, validation_alias=_env("ORCH_SWEEP_INTERVAL"))
     fal_key: str = Field("", validation_alias=_env("FAL_KEY"))
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, validation_alias=_env("ORCH_MAX_UPLOAD_BYTES"))
+    """The largest file `POST /api/uploads` takes."""
+    upload_quota_bytes: int = Field(1024 * 1024 * 1024, ge=1, validation_alias=_env("ORCH_UPLOAD_QUOTA_BYTES"))
+    """What one user's uploads may hold at once (they expire with ORCH_RETENTION_DAYS)."""
     log_level: str = Field("INFO", validation_alias=_env("ORCH_LOG_LEVEL"))
     cors_origins: str = Field("", validation_alias=_env("ORCH_CORS_ORIGINS"))
     """Comma separated browser origins (`https://app.example`) given CORS on /api and artifacts."""

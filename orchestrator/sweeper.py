@@ -6,8 +6,12 @@ lock), every `ORCH_SWEEP_INTERVAL` seconds:
 - a `running` job past its timeout (plus grace) is timed out and its attempt stopped;
 - a `queued` job that RQ does not hold (a crash between the SQL commit and the enqueue, a
   failed re-enqueue) is enqueued again;
+- a job handed off to a provider (`provider_request_id` set, queued or running there) is timed
+  out like any other (from its creation, as the provider's queue counts), its provider request
+  cancelled by the type's cancel hook; while it lives, the type's `watch` hook puts it back on
+  the provider's poll schedule if Redis lost it;
 - finished jobs older than ORCH_RETENTION_DAYS lose their event history, deliveries and
-  artifacts; the job row and the ledger stay.
+  artifacts; the job row and the ledger stay; uploads older than that expire.
 
 Every change goes through the lifecycle, so a race with a worker finishing the job is refused
 there (IllegalTransition) and the sweeper moves on.
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, select
 from sqlmodel import col
 
-from orchestrator import keys
+from orchestrator import keys, uploads
 from orchestrator.core import Core
 from orchestrator.errors import IllegalTransition, NotFound
 from orchestrator.models import Job, JobEvent, WebhookDelivery
@@ -43,6 +47,7 @@ class SweepReport:
     lost: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
+    rewatched: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
 
 
@@ -78,8 +83,47 @@ class Sweeper:
         report = SweepReport()
         await self._running(report)
         await self._queued(report)
+        await self._handed_off(report)
         await self._retention(report)
         return report
+
+    # ---- jobs a provider runs --------------------------------------------------------------
+
+    async def _handed_off(self, report: SweepReport) -> None:
+        now = time.time()
+        async with self.core.db.read() as s:
+            rows = (
+                (
+                    await s.execute(
+                        select(Job)
+                        .where(col(Job.status).in_(("queued", "running")), col(Job.provider_request_id).is_not(None))
+                        .order_by(col(Job.created_at))
+                        .limit(BATCH)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        for job in rows:
+            task = self.core.registry.get(job.type)
+            timeout = task.timeout_s if task else 3600
+            if now - job.created_at > timeout:  # no worker to give grace to
+                status = "timed_out" if job.status == "running" else "failed"
+                with contextlib.suppress(IllegalTransition, NotFound):
+                    applied = await self.core.lifecycle.fail(
+                        job.id, "TIMEOUT", f"exceeded the {timeout} s timeout", "timeout", status=status
+                    )
+                    report.timed_out.append(job.id)
+                    hook = task.extra.get("on_cancel") if task is not None else None
+                    if hook is not None:
+                        try:
+                            await hook(applied.job)
+                        except Exception as exc:
+                            log.warning("provider cancel of %s failed: %s", job.id, exc)
+                continue
+            watch = task.extra.get("watch") if task is not None else None
+            if watch is not None and await watch(self.core.aredis, job):
+                report.rewatched.append(job.id)
 
     # ---- running jobs ----------------------------------------------------------------------
 
@@ -177,6 +221,7 @@ class Sweeper:
 
     async def _retention(self, report: SweepReport) -> None:
         cutoff = time.time() - self.core.settings.retention_days * 86400
+        await asyncio.to_thread(uploads.expire, self.core.artifacts, cutoff)
         async with self.core.db.read() as s:
             ids = list(
                 (

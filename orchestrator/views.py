@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,19 +48,27 @@ def job_resource(job: Job) -> dict[str, Any]:
     return out
 
 
+EVENT_FIELDS = ("job_id", "seq", "type", "status", "progress", "message", "data", "error", "actor", "eta_seconds", "ts")
+
+
 def event_dict(ev: JobEvent) -> dict[str, Any]:
+    return event_from_row({k: getattr(ev, k) for k in EVENT_FIELDS})
+
+
+def event_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The public event from a `job_events` row (a mapping of its columns)."""
     out: dict[str, Any] = {
-        "jobId": ev.job_id,
-        "seq": ev.seq,
-        "type": ev.type,
-        "status": ev.status,
-        "progress": ev.progress,
-        "message": ev.message,
-        "data": ev.data,
-        "error": ev.error,
-        "actor": ev.actor,
-        "ts": iso(ev.ts),
+        "jobId": row["job_id"],
+        "seq": row["seq"],
+        "type": row["type"],
+        "status": row["status"],
+        "progress": row["progress"],
+        "message": row["message"],
+        "data": row["data"],
+        "error": row["error"],
+        "actor": row["actor"],
+        "ts": iso(row["ts"]),
     }
-    if ev.eta_seconds is not None:
-        out["etaSeconds"] = ev.eta_seconds
+    if row["eta_seconds"] is not None:
+        out["etaSeconds"] = row["eta_seconds"]
     return out

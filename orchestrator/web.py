@@ -113,9 +113,8 @@ def query(request: web.Request, model: type[M]) -> M:
 
 async def principal(request: web.Request, allow_token: bool = False) -> Principal:
     token = request.query.get("token") if allow_token else None
-    p = await authenticate(
-        core(request).db, core(request).tokens, request.headers.get("Authorization"), token, allow_token
-    )
+    c = core(request)
+    p = await authenticate(c.db, c.tokens, request.headers.get("Authorization"), token, allow_token, c.keys)
     request[PRINCIPAL] = p
     return p
 

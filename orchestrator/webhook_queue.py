@@ -8,29 +8,27 @@ import time
 from typing import Any
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from orchestrator.models import Job, WebhookDelivery
+from orchestrator.models import Job
 from orchestrator.views import FINAL, job_resource
 
 
-async def queue_delivery(s: AsyncSession, job: Job, event: dict[str, Any]) -> None:
+def delivery_row(job: Job, event: dict[str, Any]) -> dict[str, Any]:
+    """The `webhook_deliveries` row announcing `event` of `job` (the job as it is after it)."""
     body = dict(event)
     if event["type"] == "status" and event["status"] in FINAL:
         body["job"] = job_resource(job)
     now = time.time()
-    s.add(
-        WebhookDelivery(
-            webhook_id="msg_" + secrets.token_urlsafe(18),
-            job_id=job.id,
-            seq=event["seq"],
-            url=job.webhook_url or "",
-            body=orjson.dumps(body).decode(),
-            state="pending",
-            attempt=0,
-            next_attempt_at=now,
-            attempts_log=[],
-            created_at=now,
-            updated_at=now,
-        )
-    )
+    return {
+        "webhook_id": "msg_" + secrets.token_urlsafe(18),
+        "job_id": job.id,
+        "seq": event["seq"],
+        "url": job.webhook_url or "",
+        "body": orjson.dumps(body).decode(),
+        "state": "pending",
+        "attempt": 0,
+        "next_attempt_at": now,
+        "attempts_log": [],
+        "created_at": now,
+        "updated_at": now,
+    }

@@ -2,6 +2,9 @@
 
 The database is SQLite unless ORCH_TEST_DB=postgres, in which case a Postgres 15 cluster is
 started from the machine's binaries for the session. Under CI=true a missing Postgres fails.
+Every module runs on SQLite; the Postgres pass runs the modules in `SQL_MODULES`, whose tests
+depend on what the database does (transactions, row locks, constraints, value ranges, the
+ledger): the rest (browsers, dashboards, gateways, process control) behave alike on both.
 
 At the end of the session, a process the tests started that is still alive (see
 `support.leftover_processes`) fails the run; it is killed and named in the report."""
@@ -25,6 +28,38 @@ sys.path.insert(0, str(Path(__file__).parent))
 from support import Postgres, Stack, leftover_processes
 
 BACKEND = os.environ.get("ORCH_TEST_DB", "sqlite")
+
+SQL_MODULES = frozenset(
+    {
+        "test_jobs",
+        "test_idempotency_cancel",
+        "test_input",
+        "test_hostile",
+        "test_schemathesis",
+        "test_outage",
+        "test_webhooks",
+        "test_cli",
+        "test_realtime",
+        "test_warm_workers",
+        "test_fal_jobs",
+        "test_uploads",
+        "test_store",
+        "test_restarts",
+        "test_suite",
+        "test_worker_loss",
+    }
+)
+"""Test modules that also run on Postgres (see the module docstring)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if BACKEND != "postgres":
+        return
+    keep = [i for i in items if i.path.stem in SQL_MODULES]
+    dropped = [i for i in items if i.path.stem not in SQL_MODULES]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,13 @@ What it serves on https://127.0.0.1:<port>/ (see docs/fal-protocol.md):
   400 ALREADY_COMPLETED / 404 NOT_FOUND
 - `GET /files/{id}/{n}.png` -> the generated images (no auth, like fal's CDN)
 - `GET /.well-known/jwks.json` -> the Ed25519 public key that signs its webhooks (as fal's JWKS)
+- fal's storage, as fal_client's `upload` calls it (`ORCH_FAL_REST_URL`/`ORCH_FAL_CDN_URL` point
+  fal_api there): `POST /storage/auth/token?storage_type=fal-cdn-v3` (`Authorization: Key`) ->
+  `{"token", "token_type", "base_url", "expires_at"}`; `POST /files/upload` (`Authorization:
+  <token_type> <token>`, `X-Fal-File-Name`, the bytes) -> `{"access_url"}`; the fallback
+  `POST /storage/upload/initiate?storage_type=gcs` -> `{"upload_url", "file_url"}` then
+  `PUT upload_url`; `GET /files/u/{id}/{name}` serves a stored file
+- `GET /redirect?to=URL` -> 302 to URL (for the result-file guard)
 
 A request advances by status polls (ModelBehaviour.queue_polls, .progress_polls) or by time
 (.queue_seconds, .progress_seconds), whichever is further along; when it completes, the stub
@@ -57,7 +64,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from PIL import Image
 
-__all__ = ["Call", "FalStub", "ModelBehaviour", "StubRequest", "WebhookAttempt"]
+__all__ = ["Call", "FalStub", "ModelBehaviour", "StoredFile", "StubRequest", "WebhookAttempt"]
 
 WebhookMode = Literal["normal", "lose", "duplicate"]
 Endpoint = Literal["submit", "status", "result", "cancel"]
@@ -100,6 +107,9 @@ class ModelBehaviour:
     webhook_attempts: int = 3  # tries per delivery on non-2xx or connection errors
     webhook_retry_delay: float = 0.2
     webhook_on_cancel: bool = False  # also send an ERROR webhook when a request is cancelled
+    # A running request only gets a signal to stop (as at fal): with this, the model ignores it
+    # and completes normally (the cancel still answers 202), and fal bills it.
+    ignore_cancel_in_progress: bool = False
 
 
 @dataclass
@@ -116,6 +126,7 @@ class StubRequest:
     completed_at: float | None = None
     cancelled: bool = False
     webhooks_sent: int = 0
+    size: tuple[int, int] | None = None  # of the output images, when the input has an image
 
     @property
     def done(self) -> bool:
@@ -134,6 +145,16 @@ class Call:
     status: int
     request_id: str | None
     at: float
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file put into the stub's storage."""
+
+    content: bytes
+    content_type: str
+    file_name: str
+    via: str  # "cdn" (fal_v3) or "gcs" (the fallback)
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,10 @@ class FalStub:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._png_cache: dict[tuple[str, int, int, int], bytes] = {}
+        self.stored: dict[str, StoredFile] = {}
+        self._cdn_tokens: set[str] = set()
+        self._pending_puts: dict[str, tuple[str, str]] = {}
+        self.cdn_upload_failures = 0  # the next N `POST /files/upload` answer 500 (fallback test)
         # Webhook signing, as fal does it (ED25519, public key published as JWKS).
         self.sign_webhooks = True
         self.user_id = "stub-user"
@@ -199,6 +224,10 @@ class FalStub:
         x = base64.urlsafe_b64encode(raw).decode().rstrip("=")
         return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "stub-1", "use": "sig"}]}
 
+    def rotate_key(self) -> None:
+        """fal rotates its webhook key: new signatures, a JWKS with only the new key."""
+        self._signing_key = Ed25519PrivateKey.generate()
+
     def sign(self, request_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
         """fal's webhook signature headers for `body`."""
         ts = str(int(time.time()) if timestamp is None else timestamp)
@@ -217,6 +246,8 @@ class FalStub:
             "FAL_KEY": self.key or "test-key",
             "FAL_RUN_HOST": self.host,
             "FAL_QUEUE_RUN_HOST": self.host,
+            "ORCH_FAL_REST_URL": self.base_url,
+            "ORCH_FAL_CDN_URL": self.base_url,
             "SSL_CERT_FILE": str(self.ca_bundle),
             "REQUESTS_CA_BUNDLE": str(self.ca_bundle),
             "NO_PROXY": "127.0.0.1,localhost",
@@ -226,6 +257,14 @@ class FalStub:
     def client_ssl_context(self) -> ssl.SSLContext:
         """An SSLContext that trusts the stub, for in-process clients."""
         return ssl.create_default_context(cafile=str(self.ca_bundle))
+
+    def stored_file(self, url: str) -> StoredFile | None:
+        """The file behind a URL that the stub's storage handed out, if any."""
+        prefix = f"{self.base_url}/files/u/"
+        if not url.startswith(prefix):
+            return None
+        with self._lock:
+            return self.stored.get(url.removeprefix(prefix).split("/", 1)[0])
 
     def set_behaviour(self, model: str, behaviour: ModelBehaviour) -> None:
         with self._lock:
@@ -326,6 +365,12 @@ class FalStub:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("GET", "/files/{request_id}/{name}", self._file)
         app.router.add_route("GET", "/.well-known/jwks.json", self._jwks)
+        app.router.add_route("POST", "/storage/auth/token", self._cdn_token)
+        app.router.add_route("POST", "/files/upload", self._cdn_upload)
+        app.router.add_route("POST", "/storage/upload/initiate", self._initiate)
+        app.router.add_route("PUT", "/storage/put/{file_id}", self._put)
+        app.router.add_route("GET", "/files/u/{file_id}/{name}", self._stored)
+        app.router.add_route("GET", "/redirect", self._redirect)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._server_cert.configure_cert(server_ctx)
@@ -469,6 +514,16 @@ class FalStub:
             return self._reply(request, "submit", 422, {"detail": "Body must be JSON"})
         if not isinstance(arguments, dict):
             return self._reply(request, "submit", 422, {"detail": "Body must be a JSON object"})
+        image_url = arguments.get("image_url")
+        size: tuple[int, int] | None = None
+        if image_url is not None:
+            source = self.stored_file(str(image_url))
+            if source is None:  # fal's validation: the image must be a URL it can fetch
+                detail = [{"loc": ["body", "image_url"], "msg": "could not fetch image", "type": "file_download_error"}]
+                return self._reply(request, "submit", 422, {"detail": detail})
+            with Image.open(io.BytesIO(source.content)) as img:
+                factor = int(arguments.get("upscale_factor", 2)) if "upscal" in model else 1
+                size = (img.width * factor, img.height * factor)
         b = self.behaviour(model)
         req = StubRequest(
             request_id=str(uuid.uuid4()),
@@ -479,6 +534,7 @@ class FalStub:
             behaviour=b,
             submitted_at=time.monotonic(),
             submitted_wall=time.time(),
+            size=size,
         )
         with self._lock:
             self.requests[req.request_id] = req
@@ -565,6 +621,7 @@ class FalStub:
 
     def _result_body(self, req: StubRequest) -> dict[str, Any]:
         b = req.behaviour
+        width, height = req.size or (b.width, b.height)
         images = []
         for i in range(b.images):
             images.append(
@@ -572,9 +629,9 @@ class FalStub:
                     "url": f"{self.base_url}/files/{req.request_id}/{i}.png",
                     "content_type": "image/png",
                     "file_name": f"{i}.png",
-                    "file_size": len(self._png(req.request_id, i, b.width, b.height)),
-                    "width": b.width,
-                    "height": b.height,
+                    "file_size": len(self._png(req.request_id, i, width, height)),
+                    "width": width,
+                    "height": height,
                 }
             )
         return {
@@ -602,13 +659,16 @@ class FalStub:
         return self._reply(request, "result", 200, self._result_body(req), req.request_id)
 
     def _cancel(self, request: web.Request, req: StubRequest) -> web.Response:
+        running = self._stage(req)[0] == 1
+        ignored = running and req.behaviour.ignore_cancel_in_progress
         with self._lock:
             already = req.done
-            if not already:
+            if not already and not ignored:
                 req.cancelled = True
         if already:
             return self._reply(request, "cancel", 400, {"status": "ALREADY_COMPLETED"}, req.request_id)
-        self._complete(req)
+        if not ignored:
+            self._complete(req)
         return self._reply(request, "cancel", 202, {"status": "CANCELLATION_REQUESTED"}, req.request_id)
 
     # --- completion and webhooks -------------------------------------------------------------
@@ -717,6 +777,77 @@ class FalStub:
             self._record(request, "file", 404, request_id)
             return web.Response(status=404, text="not found")
         b = req.behaviour
-        data = self._png(request_id, int(stem), b.width, b.height)
+        width, height = req.size or (b.width, b.height)
+        data = self._png(request_id, int(stem), width, height)
         self._record(request, "file", 200, request_id)
         return web.Response(body=data, content_type="image/png")
+
+    # --- storage (fal_client.upload) ---------------------------------------------------------
+
+    async def _cdn_token(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return self._reply(request, "token", 401, {"detail": "Invalid or missing credentials"})
+        if request.query.get("storage_type") != "fal-cdn-v3":
+            return self._reply(request, "token", 422, {"detail": "unknown storage_type"})
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._cdn_tokens.add(token)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() + 3600))
+        body = {"token": token, "token_type": "Bearer", "base_url": self.base_url, "expires_at": expires}
+        return self._reply(request, "token", 200, body)
+
+    async def _cdn_upload(self, request: web.Request) -> web.StreamResponse:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        with self._lock:
+            known = scheme == "Bearer" and token in self._cdn_tokens
+            failing = self.cdn_upload_failures > 0
+            if failing:
+                self.cdn_upload_failures -= 1
+        if not known:
+            return self._reply(request, "upload", 401, {"detail": "invalid CDN token"})
+        if failing:
+            return self._reply(request, "upload", 500, {"detail": "stub injected CDN failure"})
+        name = request.headers.get("X-Fal-File-Name") or "upload.bin"
+        file_id = self._store(await request.read(), request.headers.get("Content-Type", ""), name, "cdn")
+        return self._reply(request, "upload", 200, {"access_url": f"{self.base_url}/files/u/{file_id}/{name}"})
+
+    async def _initiate(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return self._reply(request, "initiate", 401, {"detail": "Invalid or missing credentials"})
+        spec = await request.json()
+        name = str(spec.get("file_name") or "upload.bin")
+        file_id = uuid.uuid4().hex
+        with self._lock:
+            self._pending_puts[file_id] = (name, str(spec.get("content_type", "")))
+        body = {
+            "upload_url": f"{self.base_url}/storage/put/{file_id}",
+            "file_url": f"{self.base_url}/files/u/{file_id}/{name}",
+        }
+        return self._reply(request, "initiate", 200, body)
+
+    async def _put(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"]
+        with self._lock:
+            pending = self._pending_puts.pop(file_id, None)
+        if pending is None:
+            return self._reply(request, "put", 404, {"detail": "no such upload"})
+        self._store(await request.read(), request.headers.get("Content-Type", pending[1]), pending[0], "gcs", file_id)
+        return self._reply(request, "put", 200, {})
+
+    def _store(self, content: bytes, content_type: str, name: str, via: str, file_id: str | None = None) -> str:
+        file_id = file_id or uuid.uuid4().hex
+        with self._lock:
+            self.stored[file_id] = StoredFile(content, content_type, name, via)
+        return file_id
+
+    async def _stored(self, request: web.Request) -> web.StreamResponse:
+        with self._lock:
+            found = self.stored.get(request.match_info["file_id"])
+        self._record(request, "stored_file", 200 if found else 404)
+        if found is None:
+            return web.Response(status=404, text="not found")
+        return web.Response(body=found.content, content_type=found.content_type or "application/octet-stream")
+
+    async def _redirect(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, "redirect", 302)
+        return web.Response(status=302, headers={"Location": request.query.get("to", "/")})

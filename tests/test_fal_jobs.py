@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
+import redis
 from fal_stub import FalStub, ModelBehaviour
+from PIL import Image
 from support import Api, Postgres, Stack, eventually
 
+from orchestrator import fal_webhook
+from orchestrator.errors import Unavailable
 from orchestrator.fal_webhook import verify_signature
 from orchestrator.redis_server import free_port
 from queues.providers import fal_tasks as ft
@@ -27,6 +34,8 @@ pytestmark = pytest.mark.timeout(180)
 
 SECRET = "test-secret-key"  # Stack's ORCH_SECRET_KEY
 FAST = {"queue_seconds": 0.2, "progress_seconds": 0.3}
+UPLOAD_LIMIT = 256 * 1024
+UPLOAD_QUOTA = 400 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +44,11 @@ def stub() -> Iterator[FalStub]:
         yield s
 
 
+ANY_STUB_MODEL = {"models": ["fal-ai/*"]}  # the stub runs whatever it is asked to
+
+
 def _start(root: Path, database_url: str, stub: FalStub, public: bool, env: dict[str, str]) -> Stack:
-    s = Stack(root, database_url, {**stub.env(), **env})
+    s = Stack(root, database_url, {**stub.env(), "ORCH_FAL_FILES_ALLOW_PRIVATE": "1", **env})
     s.start_redis()
     port = free_port()
     if public:
@@ -53,10 +65,11 @@ def _start(root: Path, database_url: str, stub: FalStub, public: bool, env: dict
 
 @pytest.fixture(scope="module")
 def hooked(tmp_path_factory: pytest.TempPathFactory, database_url: str, stub: FalStub) -> Iterator[Stack]:
-    env = {
+    env = {  # fal's webhook signature is checked by default
         "ORCH_FAL_POLL_SCHEDULE": "3",
-        "ORCH_FAL_VERIFY_WEBHOOKS": "1",
         "ORCH_FAL_JWKS_URL": stub.jwks_url,
+        "ORCH_FAL_JWKS_REFETCH_SECONDS": "0",
+        "ORCH_FAL_MODELS": json.dumps({"fal.image": ANY_STUB_MODEL}),
     }
     s = _start(tmp_path_factory.mktemp("hooked"), database_url, stub, True, env)
     yield s
@@ -72,7 +85,15 @@ def polled(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres | None, 
     env = {
         "ORCH_FAL_POLL_SCHEDULE": "1",
         "ORCH_FAL_POLL_MAX_ERRORS": "3",
-        "ORCH_FAL_MODELS": json.dumps({"fal.quick": {"model": "fal-ai/never-done", "timeoutSeconds": 10}}),
+        "ORCH_FAL_MODELS": json.dumps(
+            {
+                "fal.image": {"models": {"fal-ai/flux/dev": 7, "fal-ai/*": 3}},
+                "fal.quick": {"model": "fal-ai/never-done", "timeoutSeconds": 10},
+            }
+        ),
+        "ORCH_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+        "ORCH_UPLOAD_QUOTA_BYTES": str(UPLOAD_QUOTA),
+        "ORCH_SWEEP_INTERVAL": "1",
     }
     s = _start(tmp_path_factory.mktemp("polled"), url, stub, False, env)
     yield s
@@ -158,6 +179,7 @@ async def test_fal_image_completes_through_the_webhook(hapi: Api, stub: FalStub,
         assert art["bytes"] == r.content_length
     hook = stub.request(rid).webhook_url or ""
     assert hook.endswith(webhook_url_of(stub, job_id))
+    assert await stub.async_wait_for(lambda: bool(stub.webhooks_for(rid)))  # recorded once answered
     assert [w.status for w in stub.webhooks_for(rid)] == [200]
     events = await hapi.events(job_id)
     assert statuses(events) == ["queued", "running", "completed"]
@@ -267,6 +289,21 @@ async def test_webhook_needs_the_jobs_token_and_fals_signature(hapi: Api, stub: 
     await hapi.call("DELETE", f"/api/jobs/{job_id}")
 
 
+async def test_a_rotated_webhook_key_is_fetched_again(hapi: Api, stub: FalStub):
+    stub.set_behaviour("fal-ai/hook-rotated", ModelBehaviour(**FAST))
+    warm = await submit(hapi, "fal-ai/hook-rotated")  # the API has fal's keys cached after this
+    assert (await hapi.wait(warm, timeout_s=30))["result"]["via"] == "webhook"
+    fetched = len(stub.calls_to("jwks"))
+    stub.rotate_key()
+    job_id = await submit(hapi, "fal-ai/hook-rotated")
+    rid = await request_id(hapi, job_id)
+    done = await hapi.wait(job_id, timeout_s=30)
+    assert done["status"] == "completed" and done["result"]["via"] == "webhook"
+    assert await stub.async_wait_for(lambda: bool(stub.webhooks_for(rid)))
+    assert [w.status for w in stub.webhooks_for(rid)] == [200]
+    assert len(stub.calls_to("jwks")) == fetched + 1
+
+
 # --- the polling path ----------------------------------------------------------------------
 
 
@@ -299,6 +336,7 @@ async def test_polling_reports_queue_position_running_and_logs(papi: Api, stub: 
     ]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert all(e["data"]["source"] == "fal" for e in events[6:9])
+    assert all(e["data"]["level"] == "INFO" and e["data"]["timestamp"].endswith("Z") for e in events[6:9])
     [art] = done["result"]["artifacts"]
     assert art["contentType"] == "image/png" and art["bytes"] > 0
 
@@ -356,7 +394,9 @@ async def test_a_fal_job_past_its_timeout_times_out(papi: Api, stub: FalStub):
     rid = await request_id(papi, job["jobId"])
     done = await papi.wait(job["jobId"], timeout_s=60)
     assert done["status"] == "timed_out" and done["error"]["code"] == "TIMEOUT"
-    assert stub.request(rid).cancelled
+    [timed_out] = [e for e in await papi.events(job["jobId"]) if e["status"] == "timed_out"]
+    assert timed_out["actor"] == "timeout"  # the sweeper's doing, as for every job
+    assert await stub.async_wait_for(lambda: stub.request(rid).cancelled, within=20)  # after the commit
 
 
 async def test_types_and_input_validation(papi: Api):
@@ -369,6 +409,230 @@ async def test_types_and_input_validation(papi: Api):
     for bad in ({"model": "../admin", "arguments": {}}, {"arguments": []}, {"arguments": {}, "extra": 1}):
         status, err, _ = await papi.call("POST", "/api/generate", json={"type": "fal.image", "input": bad})
         assert status == 422 and err["error"]["code"] == "VALIDATION_ERROR", bad
+
+
+# --- inputs: uploads and artifacts -----------------------------------------------------------
+
+
+def png(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30), noise: bool = False) -> bytes:
+    if noise:  # random pixels do not compress: the PNG is about 3 bytes a pixel
+        img = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
+    else:
+        img = Image.new("RGB", (width, height), colour)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def upload(api: Api, content: bytes, content_type: str = "image/png") -> tuple[int, Any]:
+    status, body, _ = await api.call("POST", "/api/uploads", data=content, headers={"Content-Type": content_type})
+    return status, body
+
+
+async def fetch(api: Api, url: str) -> bytes:
+    async with api.session.get(api.base + url) as r:  # no headers, as in an <img src>
+        assert r.status == 200, url
+        return await r.read()
+
+
+def png_size(content: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(content)) as img:
+        return img.size
+
+
+async def test_upscale_an_upload_then_edit_its_artifact(papi: Api, stub: FalStub):
+    stub.set_behaviour("fal-ai/clarity-upscaler", ModelBehaviour(**FAST))
+    stub.set_behaviour("fal-ai/flux-pro/kontext", ModelBehaviour(**FAST))
+    original = png(40, 30)
+    status, up = await upload(papi, original, "application/octet-stream")  # the type comes from the bytes
+    assert status == 201 and up["contentType"] == "image/png" and up["bytes"] == len(original)
+    assert up["url"].startswith("/artifacts/") and await fetch(papi, up["url"]) == original
+
+    upscale = await papi.submit("generate", {"arguments": {"image_url": up["url"]}}, type="fal.upscale")
+    rid = await request_id(papi, upscale["jobId"])
+    done = await papi.wait(upscale["jobId"], timeout_s=60)
+    assert done["status"] == "completed", done
+    sent = stub.request(rid).arguments["image_url"]  # fal got a file in its own storage
+    stored = stub.stored_file(sent)
+    assert stored is not None and stored.content == original and stored.via == "cdn"
+    [art] = done["result"]["artifacts"]
+    assert png_size(await fetch(papi, art["url"])) == (80, 60)
+
+    absolute = papi.base + art["url"]  # an artifact URL of one's own, absolute this time
+    edit = await papi.submit(
+        "generate", {"arguments": {"prompt": "make it blue", "image_url": absolute}}, type="fal.edit"
+    )
+    assert edit["input"]["arguments"]["image_url"] == art["url"]  # stored in the relative form
+    rid = await request_id(papi, edit["jobId"])
+    done = await papi.wait(edit["jobId"], timeout_s=60)
+    assert done["status"] == "completed", done
+    stored = stub.stored_file(stub.request(rid).arguments["image_url"])
+    assert stored is not None and stored.content == await fetch(papi, art["url"])
+    assert stub.request(rid).arguments["prompt"] == "make it blue"
+    assert done["credits"] == {"charged": 4, "refunded": 0}
+
+
+async def test_uploads_take_images_by_content_within_limits(papi: Api):
+    form = aiohttp.FormData()
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    form.add_field("file", jpeg.getvalue(), filename="photo.png", content_type="image/png")
+    status, up, _ = await papi.call("POST", "/api/uploads", data=form)
+    assert status == 201 and up["contentType"] == "image/jpeg" and up["url"].endswith(".jpg")
+    status, err = await upload(papi, b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/png")
+    assert status == 415 and err["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    status, err = await upload(papi, png(400, 400, noise=True))
+    assert status == 413 and err["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    big = png(270, 270, noise=True)
+    assert UPLOAD_QUOTA / 2 < len(big) < UPLOAD_LIMIT
+    assert (await upload(papi, big))[0] == 201
+    status, err = await upload(papi, big)
+    assert status == 413 and err["error"]["code"] == "UPLOAD_QUOTA_EXCEEDED"
+    async with papi.session.post(papi.base + "/api/uploads", data=png(4, 4)) as r:
+        assert r.status == 401
+
+
+async def test_another_users_upload_or_artifact_is_not_found(papi: Api, polled: Stack, stub: FalStub):
+    stub.set_behaviour("fal-ai/own", ModelBehaviour(**FAST))
+    other = Api(papi.session, papi.base, (await polled.user(credits=100)).api_key)
+    _, theirs = await upload(other, png(10, 10))
+    job = await other.submit("generate", {"model": "fal-ai/own", "arguments": {"prompt": "x"}}, type="fal.image")
+    [their_art] = (await other.wait(job["jobId"], timeout_s=60))["result"]["artifacts"]
+    before = await balance(papi)
+    for url in (theirs["url"], their_art["url"], theirs["url"].rsplit("/", 2)[0] + "/nope/upload.png"):
+        body = {"type": "fal.upscale", "input": {"arguments": {"image_url": url}}}
+        status, err, _ = await papi.call("POST", "/api/generate", json=body)
+        assert status == 404 and err["error"]["code"] == "NOT_FOUND", url
+    assert await balance(papi) == before
+
+
+async def test_the_console_upscales_and_edits_a_finished_image(papi: Api, stub: FalStub, browser: Any):
+    for model in ("fal-ai/flux/schnell", "fal-ai/clarity-upscaler", "fal-ai/flux-pro/kontext"):
+        stub.set_behaviour(model, ModelBehaviour(**FAST))
+    job = await papi.submit("generate", {"arguments": {"prompt": "a fox"}}, type="fal.image")
+    [art] = (await papi.wait(job["jobId"], timeout_s=60))["result"]["artifacts"]
+    page = await browser.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        await page.goto(f"{papi.base}/#key={papi.key}")
+        await page.wait_for_selector("body[data-ready='1']")
+        card = page.locator(f"article.job[data-job-id='{job['jobId']}']")
+        await card.locator("button.upscale").click()
+        upscale = page.locator("article.job[data-type='fal.upscale']")
+        await upscale.locator("img.result-image").wait_for()
+        await card.locator("input.edit-prompt").fill("make it blue")
+        await card.locator("button.edit").click()
+        edit = page.locator("article.job[data-type='fal.edit']")
+        await edit.locator("img.result-image").wait_for()
+        up_id, edit_id = await upscale.get_attribute("data-job-id"), await edit.get_attribute("data-job-id")
+    finally:
+        await page.close()
+    assert errors == []
+    for job_id in (up_id, edit_id):
+        done = await papi.job(str(job_id))
+        assert done["status"] == "completed" and done["input"]["arguments"]["image_url"] == art["url"]
+    assert (await papi.job(str(edit_id)))["input"]["arguments"]["prompt"] == "make it blue"
+
+
+# --- money -------------------------------------------------------------------------------------
+
+
+async def test_models_are_allowed_per_type_at_their_cost(papi: Api, stub: FalStub):
+    stub.set_behaviour("fal-ai/flux/dev", ModelBehaviour(**FAST))
+    before = await balance(papi)
+    job = await papi.submit("generate", {"model": "fal-ai/flux/dev", "arguments": {"prompt": "x"}}, type="fal.image")
+    assert job["credits"] == {"charged": 7, "refunded": 0}
+    for model, type_ in (("other/model", "fal.image"), ("fal-ai/flux/dev", "fal.upscale")):
+        body = {"type": type_, "input": {"model": model, "arguments": {"prompt": "x", "image_url": "https://x/y.png"}}}
+        status, err, _ = await papi.call("POST", "/api/generate", json=body)
+        assert status == 422 and err["error"]["code"] == "MODEL_NOT_ALLOWED", (model, type_)
+    assert await balance(papi) == before - 7
+    await papi.wait(job["jobId"], timeout_s=60)
+
+
+async def test_cancelled_request_that_fal_completes_keeps_its_charge(papi: Api, stub: FalStub):
+    running = ModelBehaviour(queue_seconds=0.1, progress_seconds=4, ignore_cancel_in_progress=True)
+    stub.set_behaviour("fal-ai/finishes-anyway", running)
+    before = await balance(papi)
+    job_id = await submit(papi, "fal-ai/finishes-anyway")
+    rid = await request_id(papi, job_id)
+    await papi.wait(job_id, timeout_s=30, until={"running"})
+    status, job, _ = await papi.call("DELETE", f"/api/jobs/{job_id}")
+    assert status == 200 and job["status"] == "cancelled"
+
+    async def charge_kept() -> bool:
+        return (await papi.job(job_id))["credits"]["refunded"] == 0
+
+    await eventually(charge_kept, timeout_s=40)
+    assert stub.request(rid).done and not stub.request(rid).cancelled
+    job = await papi.job(job_id)
+    assert job["status"] == "cancelled" and job["credits"] == {"charged": 3, "refunded": 0}
+    last = (await papi.events(job_id))[-1]
+    assert last["type"] == "log" and "charge is kept" in last["message"] and last["actor"] == "provider:fal"
+    assert await ledger_reasons(papi, job_id) == ["charge", "charge_kept", "refund"]
+    assert await balance(papi) == before - 3
+
+
+async def test_cancelled_request_that_fal_confirms_is_refunded(papi: Api, stub: FalStub):
+    stub.set_behaviour("fal-ai/stops", ModelBehaviour(queue_seconds=0.1, progress_seconds=60))
+    before = await balance(papi)
+    job_id = await submit(papi, "fal-ai/stops")
+    rid = await request_id(papi, job_id)
+    await papi.wait(job_id, timeout_s=30, until={"running"})
+    await papi.call("DELETE", f"/api/jobs/{job_id}")
+    assert await asyncio.to_thread(stub.wait_for, lambda: stub.request(rid).cancelled, 20)
+
+    async def status_seen_after_cancel() -> bool:  # the poller asked fal how it ended
+        cancel_at = min(c.at for c in stub.calls_to("cancel", rid))
+        return any(c.at > cancel_at for c in stub.calls_to("status", rid))
+
+    await eventually(status_seen_after_cancel, timeout_s=20)
+    assert (await papi.job(job_id))["credits"] == {"charged": 3, "refunded": 3}
+    assert await ledger_reasons(papi, job_id) == ["charge", "refund"]
+    assert await balance(papi) == before
+
+
+# --- failures that end ---------------------------------------------------------------------------
+
+
+async def test_a_model_error_ends_the_job_whatever_the_http_code(papi: Api, stub: FalStub):
+    for code in (500, 503, 422):
+        model = f"fal-ai/fails-{code}"
+        detail = f"model crashed ({code})"
+        stub.set_behaviour(model, ModelBehaviour(fail=True, fail_status=code, fail_detail=detail, **FAST))
+        job_id = await submit(papi, model)
+        done = await papi.wait(job_id, timeout_s=30)
+        assert done["status"] == "failed" and done["error"]["code"] == "PROVIDER_ERROR", done
+        assert detail in done["error"]["message"]
+        assert done["credits"] == {"charged": 3, "refunded": 3}
+
+
+async def test_a_result_that_keeps_failing_ends_provider_error(papi: Api, stub: FalStub):
+    flaky = ModelBehaviour(http_errors=1000, http_error_status=500, http_error_endpoints=frozenset({"result"}), **FAST)
+    stub.set_behaviour("fal-ai/no-result", flaky)
+    job_id = await submit(papi, "fal-ai/no-result")
+    rid = await request_id(papi, job_id)
+    done = await papi.wait(job_id, timeout_s=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "PROVIDER_ERROR"
+    assert "fetching the result failed 3 times" in done["error"]["message"]
+    assert len(stub.calls_to("result", rid)) == 3
+
+
+async def test_poll_schedule_lost_by_redis_is_rebuilt_from_sql(papi: Api, polled: Stack, stub: FalStub):
+    stub.set_behaviour("fal-ai/forgotten", ModelBehaviour(queue_seconds=0.1, progress_seconds=3))
+    job_id = await submit(papi, "fal-ai/forgotten")
+    await request_id(papi, job_id)
+    assert polled.redis is not None
+    r = redis.Redis.from_url(polled.redis.url)
+    try:
+        r.zrem(ft.DUE, job_id)
+        r.delete(ft.state_key(job_id))
+        done = await papi.wait(job_id, timeout_s=60)
+    finally:
+        r.close()
+    assert done["status"] == "completed" and done["result"]["via"] == "poll"
 
 
 # --- pieces ----------------------------------------------------------------------------------
@@ -406,3 +670,28 @@ def test_models_setting_merges_over_the_defaults(monkeypatch: pytest.MonkeyPatch
     assert types["fal.image"].model == "fal-ai/flux/dev" and types["fal.image"].cost == 3
     assert "fal.upscale" not in types and types["fal.video"].cost == 9
     assert ft.FalSettings().poll_delay_s(1) == 1 and ft.FalSettings().poll_delay_s(99) == 30
+
+
+async def test_a_failed_key_fetch_lets_no_webhook_through(stub: FalStub):
+    raw = b'{"status": "OK"}'
+    headers = stub.sign("req-1", raw)
+    unreachable = f"https://127.0.0.1:{free_port()}/.well-known/jwks.json"
+    fal_webhook._jwks_cache[unreachable] = (0.0, [bytes(32)])  # stale, and not fal's key
+    assert not await fal_webhook.signature_ok(headers, raw, unreachable, 0)
+    fal_webhook._jwks_cache.pop(unreachable)
+    with pytest.raises(Unavailable):  # nothing cached, nothing fetched: 503, fal retries later
+        await fal_webhook.signature_ok(headers, raw, unreachable, 0)
+
+
+async def test_result_files_come_only_from_public_https_urls(stub: FalStub):
+    for url in ("http://example.com/a.png", "ftp://example.com/a.png", "https://10.0.0.7/a.png", "https://[::1]/a"):
+        with pytest.raises(ValueError):
+            await ft.check_file_url(url, allow_private=False)
+    async with httpx.AsyncClient(verify=stub.client_ssl_context()) as client:
+        with pytest.raises(ValueError):  # the stand-in itself is on a private address
+            await ft.download(client, stub.jwks_url, 1 << 20, allow_private=False)
+        content, _ = await ft.download(client, stub.jwks_url, 1 << 20, allow_private=True)
+        assert b"keys" in content
+        for hop in ("file:///etc/passwd", "gopher://127.0.0.1:6379/_INFO"):  # checked at each redirect
+            with pytest.raises(ValueError):
+                await ft.download(client, f"{stub.base_url}/redirect?to={hop}", 1 << 20, allow_private=True)

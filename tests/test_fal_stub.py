@@ -173,6 +173,29 @@ async def test_submit_status_with_logs_result(stub: FalStub) -> None:
     assert stub.calls_to("result", rid)[0].path == f"/fal-ai/flux/requests/{rid}"
 
 
+async def test_upload_through_fal_clients_own_call(stub: FalStub) -> None:
+    stub.cdn_upload_failures = 1  # the first upload finds the CDN down and falls back
+    out = await run_fal(
+        stub,
+        """
+        import httpx
+        first = fal_api.upload(b"GIF89a first", "image/gif", "a.gif")
+        second = fal_api.upload(b"GIF89a second", "image/gif", "b.gif")
+        print(json.dumps({"first": first, "second": second, "back": httpx.get(second).text}))
+        """,
+    )
+    first, second = stub.stored_file(out["first"]), stub.stored_file(out["second"])
+    assert first is not None and first.content == b"GIF89a first" and first.via == "gcs"
+    assert second is not None and second.content == b"GIF89a second" and second.via == "cdn"
+    assert second.content_type == "image/gif" and second.file_name == "b.gif"
+    assert out["back"] == "GIF89a second"
+    [token] = stub.calls_to("token")  # one CDN token, reused
+    assert token.query == {"storage_type": "fal-cdn-v3"} and token.headers["authorization"] == "Key test-key"
+    assert [c.status for c in stub.calls_to("upload")] == [500, 200]
+    [initiate] = stub.calls_to("initiate")
+    assert initiate.query == {"storage_type": "gcs"} and initiate.headers["authorization"] == "Key test-key"
+
+
 async def test_plain_fal_client_subscribe(stub: FalStub) -> None:
     """fal_client's own polling loop, without our adapter, accepts every shape."""
     stub.set_behaviour("fal-ai/fast-sdxl", poll_driven(images=2))

@@ -361,10 +361,7 @@ $("#submit-form").addEventListener("submit", async (e) => {
   try {
     const job = await ui.client.submit(t.queue, input, { type: t.type });
     setFormError(null);
-    addJob(job, { prepend: true });
-    follow(job.jobId, 0);
-    refreshCredits();
-    toast(`Submitted ${t.type} job ${job.jobId.slice(0, 8)}…`);
+    started(job);
   } catch (err) {
     if (err instanceof OrchestratorError) {
       const msg =
@@ -382,6 +379,50 @@ $("#submit-form").addEventListener("submit", async (e) => {
     btn.disabled = false;
   }
 });
+
+function started(job) {
+  addJob(job, { prepend: true });
+  follow(job.jobId, 0);
+  refreshCredits();
+  toast(`Submitted ${job.type} job ${job.jobId.slice(0, 8)}…`);
+}
+
+// ---- follow-up operations on a finished image (fal.upscale, fal.edit) --------------------------
+
+function imageActions(imageUrl) {
+  const has = (name) => ui.types.find((t) => t.type === name);
+  const upscale = has("fal.upscale");
+  const edit = has("fal.edit");
+  if (!upscale && !edit) return null;
+  const row = el("div", { class: "result-actions" });
+  const run = async (btn, type, args) => {
+    btn.disabled = true;
+    try {
+      started(await ui.client.submit(type.queue, { arguments: { image_url: imageUrl, ...args } }, { type: type.type }));
+    } catch (err) {
+      toast(err.message || String(err), "error");
+    } finally {
+      btn.disabled = false;
+    }
+  };
+  if (upscale) {
+    const btn = el("button", { type: "button", class: "btn ghost small upscale", text: `Upscale · ${upscale.cost}` });
+    btn.addEventListener("click", () => run(btn, upscale, {}));
+    row.append(btn);
+  }
+  if (edit) {
+    const prompt = el("input", { type: "text", class: "edit-prompt", placeholder: "Edit: make the sky purple…", maxlength: "2000" });
+    const btn = el("button", { type: "submit", class: "btn ghost small edit", text: `Edit · ${edit.cost}` });
+    const form = el("form", { class: "edit-form" }, prompt, btn);
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      if (!prompt.value.trim()) return prompt.focus();
+      run(btn, edit, { prompt: prompt.value.trim() });
+    });
+    row.append(form);
+  }
+  return row;
+}
 
 // ---- job cards --------------------------------------------------------------------------------
 
@@ -511,7 +552,11 @@ function renderResult(v) {
             height: job.result.height,
           }),
         ),
-        el("div", { class: "result-line muted", text: `${job.result.width}×${job.result.height} PNG · ${fmtBytes(img.bytes)}` }),
+        el("div", {
+          class: "result-line muted",
+          text: `${job.result.width ? `${job.result.width}×${job.result.height} ` : ""}${img.contentType} · ${fmtBytes(img.bytes)}`,
+        }),
+        imageActions(img.url),
       );
     } else if (!img && !box.dataset.done) {
       const facts = [];

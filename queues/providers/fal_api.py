@@ -12,6 +12,8 @@ Configuration comes from the environment, as fal_client reads it: `FAL_KEY` (sen
 `Authorization: Key <FAL_KEY>`), `FAL_QUEUE_RUN_HOST` (default `queue.$FAL_RUN_HOST`) and
 `FAL_RUN_HOST` (default `fal.run`). fal_client freezes the two host variables when it is first
 imported; this module re-reads them on every call, so setting them later (as tests do) works.
+fal_client has no variables for its storage hosts (`REST_URL`, `CDN_URL`, used by `upload`);
+`ORCH_FAL_REST_URL` and `ORCH_FAL_CDN_URL` override them here (the local stand-in sets them).
 TLS is verified by httpx, which honours `SSL_CERT_FILE` when a client is created.
 """
 
@@ -32,6 +34,7 @@ __all__ = [
     "AsyncFalAPI",
     "FalAPI",
     "FalError",
+    "FalLog",
     "FalNotReady",
     "FalState",
     "FalStatus",
@@ -43,6 +46,7 @@ __all__ = [
     "result",
     "status",
     "submit",
+    "upload",
 ]
 
 FalState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
@@ -85,6 +89,15 @@ class FalNotReady(FalError):
 
 
 @dataclass(frozen=True)
+class FalLog:
+    """One line of a request's log, with fal's own level and timestamp (strings, as fal sends)."""
+
+    message: str
+    level: str | None = None
+    timestamp: str | None = None
+
+
+@dataclass(frozen=True)
 class FalStatus:
     """One answer of fal's status endpoint.
 
@@ -96,6 +109,8 @@ class FalStatus:
     state: FalState
     queue_position: int | None = None
     logs: list[str] = field(default_factory=list)
+    log_entries: list[FalLog] = field(default_factory=list)
+    """The same lines as `logs`, with fal's level and timestamp."""
     error: str | None = None
     error_type: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -140,6 +155,10 @@ def queue_base_url() -> str:
     return f"https://{queue_host}/"
 
 
+_REST_URL = _fal_client_module.REST_URL
+_CDN_URL = _fal_client_module.CDN_URL
+
+
 def _sync_hosts_from_env() -> None:
     # fal_client computes QUEUE_URL_FORMAT / RUN_URL_FORMAT once, at import time, and looks the
     # module globals up on every call. Refresh them so the environment at call time wins. In
@@ -150,6 +169,8 @@ def _sync_hosts_from_env() -> None:
     run = f"https://{os.environ.get('FAL_RUN_HOST', 'fal.run')}/"
     if _fal_client_module.RUN_URL_FORMAT != run:
         _fal_client_module.RUN_URL_FORMAT = run
+    _fal_client_module.REST_URL = os.environ.get("ORCH_FAL_REST_URL") or _REST_URL
+    _fal_client_module.CDN_URL = os.environ.get("ORCH_FAL_CDN_URL") or _CDN_URL
 
 
 # --- error mapping --------------------------------------------------------------------------
@@ -222,11 +243,14 @@ def _to_status(st: fal_client.Status) -> FalStatus:
     if isinstance(st, fal_client.Queued):
         return FalStatus(state="IN_QUEUE", queue_position=st.position)
     if isinstance(st, fal_client.InProgress):
-        return FalStatus(state="IN_PROGRESS", logs=_log_messages(st.logs))
+        entries = _log_entries(st.logs)
+        return FalStatus(state="IN_PROGRESS", logs=[e.message for e in entries], log_entries=entries)
     if isinstance(st, fal_client.Completed):
+        entries = _log_entries(st.logs)
         return FalStatus(
             state="COMPLETED",
-            logs=_log_messages(st.logs),
+            logs=[e.message for e in entries],
+            log_entries=entries,
             error=st.error,
             error_type=st.error_type,
             metrics=dict(st.metrics or {}),
@@ -234,8 +258,15 @@ def _to_status(st: fal_client.Status) -> FalStatus:
     raise FalError(f"unknown fal status {st!r}")
 
 
-def _log_messages(logs: list[dict[str, Any]] | None) -> list[str]:
-    return [str(entry.get("message", "")) for entry in logs or [] if isinstance(entry, Mapping)]
+def _log_entries(logs: list[dict[str, Any]] | None) -> list[FalLog]:
+    def text(value: Any) -> str | None:
+        return str(value) if value is not None else None
+
+    return [
+        FalLog(str(e.get("message", "")), text(e.get("level")), text(e.get("timestamp")))
+        for e in logs or []
+        if isinstance(e, Mapping)
+    ]
 
 
 def _not_ready(request_id: str, st: FalStatus) -> FalNotReady:
@@ -279,6 +310,12 @@ class FalAPI:
         """`PUT .../requests/{id}/cancel`. A request that already finished answers 400
         (`ALREADY_COMPLETED`): FalError with status_code 400, not retryable."""
         _call(lambda: self._client.cancel(model, request_id))
+
+    def upload(self, data: bytes, content_type: str, file_name: str | None = None) -> str:
+        """Puts a file into fal's storage with fal_client's own `upload` (a CDN token from
+        `POST {REST_URL}/storage/auth/token`, then `POST {CDN_URL}/files/upload`, falling back
+        to `/storage/upload/initiate` + `PUT`); returns the file's URL at fal."""
+        return _call(lambda: self._client.upload(data, content_type, file_name))
 
 
 class AsyncFalAPI:
@@ -347,6 +384,10 @@ def result(model: str, request_id: str) -> dict[str, Any]:
 
 def cancel(model: str, request_id: str) -> None:
     _default_api().cancel(model, request_id)
+
+
+def upload(data: bytes, content_type: str, file_name: str | None = None) -> str:
+    return _default_api().upload(data, content_type, file_name)
 
 
 # --- webhook and result helpers -------------------------------------------------------------

@@ -9,10 +9,14 @@ minutes of queueing and inference cost one status call per poll.
 One poll asks fal for the request's status (with logs) and reports what changed: IN_QUEUE → a
 `progress` event "queue position N" (when N changes); IN_PROGRESS → the job starts (`running`)
 and new fal log lines become `log` events; COMPLETED → `fal_tasks.settle`, the webhook's path.
-A failed status call (5xx, 429, network) is retried with backoff; ORCH_FAL_POLL_MAX_ERRORS in a
-row fail the job (PROVIDER_ERROR). Every job's polling is bounded: it stops when the job is
-final, and a job older than its type's timeout fails with TIMEOUT. A job found cancelled (or
-timed out) gets its fal request cancelled.
+fal log lines keep fal's level and timestamp in the event's `data`. A COMPLETED status that
+carries an error fails the job at once (PROVIDER_ERROR, fal's message), whatever HTTP code the
+result would answer. A failed status call (5xx, 429, network) is retried with backoff, and
+ORCH_FAL_POLL_MAX_ERRORS in a row fail the job (PROVIDER_ERROR); so do as many failed result
+calls after COMPLETED, counted on their own. A job whose poll state Redis lost is rebuilt from
+SQL (`fal_tasks.watch`, also run by the sweeper, which owns fal jobs' timeouts). A timed-out
+job's fal request is cancelled; a cancelled job's request is followed until fal says how it
+ended (see `_follow_cancelled`).
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class _State:
         self.errors = int(get("errors", "0"))
         self.logs = int(get("logs", "0"))
         self.position = get("position")
+        self.cancel_sent = get("cancel_sent") == "1"
 
 
 class Poller:
@@ -129,20 +134,20 @@ class Poller:
                 await self._next(job_id, CRASH_RETRY_S)
 
     async def _poll(self, job_id: str) -> None:
-        raw = await self.r.hgetall(ft.state_key(job_id))
-        state = _State(raw)
         job = await self._job(job_id)
-        if job is None or not state.request_id:
+        if job is None:
+            await self._forget(job_id)
+            return
+        state = _State(await self.r.hgetall(ft.state_key(job_id)))
+        if not state.request_id and await ft.watch(self.r, job):  # Redis lost it: SQL has it
+            state = _State(await self.r.hgetall(ft.state_key(job_id)))
+        if not state.request_id:
             await self._forget(job_id)
             return
         if job.status in FINAL:
             await self._after_final(job, state)
             return
-        task = self.core.registry.get(job.type)
-        timeout_s = task.timeout_s if task is not None else 3600
-        if time.time() - job.created_at > timeout_s:
-            await self._time_out(job, state, timeout_s)
-            return
+        # No timeout here: the sweeper times fal jobs out as it does every job.
         await self.r.hincrby(ft.state_key(job_id), "n", 1)
         try:
             st = await self.api.status(state.model, state.request_id)
@@ -154,7 +159,7 @@ class Poller:
         try:
             await self._report(job, state, st)
             if st.done:
-                await self._finish(job, state)
+                await self._finish(job, state, st)
                 return
         except IllegalTransition:  # cancelled or finished under us
             job = await self._job(job_id)
@@ -178,26 +183,42 @@ class Poller:
             return
         if job.status == "queued" and await self.lc.start(job.id, ft.ACTOR, ft.PROVIDER) is None:
             raise IllegalTransition("job is not runnable")
-        new = st.logs[state.logs : min(len(st.logs), MAX_LOG_EVENTS)][:MAX_LOGS_PER_POLL]
-        for i, line in enumerate(new, start=state.logs):
-            await self.lc.log(job.id, line[:1000], {"source": "fal", "index": i}, ft.ACTOR)
+        entries = st.log_entries
+        new = entries[state.logs : min(len(entries), MAX_LOG_EVENTS)][:MAX_LOGS_PER_POLL]
+        for i, entry in enumerate(new, start=state.logs):
+            data = {"source": "fal", "index": i, "level": entry.level, "timestamp": entry.timestamp}
+            await self.lc.log(job.id, entry.message[:1000], data, ft.ACTOR)
             await self.r.hincrby(key, "logs", 1)
 
-    async def _finish(self, job: Job, state: _State) -> None:
+    async def _finish(self, job: Job, state: _State, st: FalStatus) -> None:
         outcome: dict[str, Any] | FalError
-        try:
-            outcome = await self.api.result(state.model, state.request_id)
-        except FalError as exc:
-            if exc.retryable:
-                await self._call_failed(job, state, exc)
-                return
-            outcome = exc  # the model failed (or the request was cancelled at fal)
+        if st.failed:  # the status says how it ended: no need for the result's HTTP code
+            outcome = FalError(st.error or "fal request failed", error_type=st.error_type)
+        else:
+            try:
+                outcome = await self.api.result(state.model, state.request_id)
+            except FalError as exc:
+                if not exc.retryable:
+                    outcome = exc  # the model failed (or the request was cancelled at fal)
+                else:
+                    await self._result_failed(job, state, exc)
+                    return
         finisher = ft.Finisher(self.lc, self.core.artifacts, self.r, self.fs)
         done = await ft.settle(finisher, job.id, state.request_id, state.model, outcome, "poll")
         if done.outcome == "busy":
             await self._next(job.id, 1.0)
         else:
             await self._forget(job.id)
+
+    async def _result_failed(self, job: Job, state: _State, exc: FalError) -> None:
+        """fal said COMPLETED but its result answers 5xx/429/network: retried on the schedule,
+        counted apart from status errors (a good status does not reset it)."""
+        errors = int(await self.r.hincrby(ft.state_key(job.id), "result_errors", 1))
+        log.warning("fal result for job %s failed (%d times): %s", job.id, errors, exc.message)
+        if errors >= self.fs.poll_max_errors:
+            await self._fail(job.id, f"fal: fetching the result failed {errors} times: {exc.message}")
+            return
+        await self._next(job.id, self.fs.poll_delay_s(errors + 1))
 
     async def _call_failed(self, job: Job, state: _State, exc: FalError) -> None:
         if not exc.retryable:
@@ -211,17 +232,45 @@ class Poller:
             return
         await self._next(job.id, self.fs.poll_delay_s(errors + 1))
 
-    async def _time_out(self, job: Job, state: _State, timeout_s: int) -> None:
-        await self._cancel_at_fal(state)
-        message = f"exceeded the {timeout_s} s timeout"
-        status = "timed_out" if job.status == "running" else "failed"
-        with contextlib.suppress(IllegalTransition):
-            await self.lc.fail(job.id, "TIMEOUT", message, "timeout", status=status)
+    async def _after_final(self, job: Job, state: _State) -> None:
+        if job.status == "cancelled" and job.refunded > 0:
+            await self._follow_cancelled(job, state)
+            return
+        if job.status == "timed_out":
+            await self._cancel_at_fal(state)
         await self._forget(job.id)
 
-    async def _after_final(self, job: Job, state: _State) -> None:
-        if job.status in ("cancelled", "timed_out"):
+    async def _follow_cancelled(self, job: Job, state: _State) -> None:
+        """A cancelled job's fal request is followed until fal says how it ended: cancelled
+        (or failed), and the refund stands; completed after all, and fal billed it, so the job
+        keeps its charge (`settle`). Bounded by the type's timeout after the cancel."""
+        if not state.cancel_sent:
+            await self.r.hset(ft.state_key(job.id), "cancel_sent", 1)
             await self._cancel_at_fal(state)
+        task = self.core.registry.get(job.type)
+        timeout_s = task.timeout_s if task is not None else 3600
+        if time.time() - (job.finished_at or job.updated_at) > timeout_s:
+            log.info("fal request %s of cancelled job %s never ended; the refund stands", state.request_id, job.id)
+            await self._forget(job.id)
+            return
+        try:
+            st = await self.api.status(state.model, state.request_id)
+        except FalError as exc:
+            if exc.retryable:
+                await self._next(job.id, self.fs.poll_delay_s(state.n + 2))
+            else:  # fal no longer knows it: nothing ran to bill
+                await self._forget(job.id)
+            return
+        if not st.done:
+            await self.r.hincrby(ft.state_key(job.id), "n", 1)
+            await self._next(job.id, self.fs.poll_delay_s(state.n + 2))
+            return
+        if not st.failed:
+            finisher = ft.Finisher(self.lc, self.core.artifacts, self.r, self.fs)
+            done = await ft.settle(finisher, job.id, state.request_id, state.model, {}, "poll")
+            if done.outcome == "busy":
+                await self._next(job.id, 1.0)
+                return
         await self._forget(job.id)
 
     # --- helpers ------------------------------------------------------------------------------
