@@ -16,6 +16,7 @@ from metrics.realtime import tune_gc
 from orchestrator import openapi
 from orchestrator.core import Core
 from orchestrator.extra_routes import extra_routes
+from orchestrator.origins import Origins, cors_on_prepare, origins_middleware
 from orchestrator.routes import API_ROUTES
 from orchestrator.settings import Settings
 from orchestrator.web import CORE, core, errors_middleware, json_response
@@ -69,6 +70,27 @@ async def console(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
 
 
+STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".ts": "application/typescript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+"""Types by suffix for the files under /static (mimetypes knows no `.d.ts`, and maps `.ts` to video)."""
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of orchestrator/static by name (no subfolders, so no path can leave it)."""
+    name = request.match_info["name"]
+    path = STATIC_DIR / name
+    ctype = STATIC_TYPES.get(path.suffix)
+    if "/" in name or name.startswith(".") or ctype is None or not path.is_file():
+        return json_response({"error": {"code": "NOT_FOUND", "message": "no such file"}}, status=404)
+    return web.FileResponse(path, headers={"Content-Type": ctype, "Cache-Control": "no-cache"})
+
+
 OPENAPI = web.AppKey("openapi", dict)
 
 
@@ -110,8 +132,9 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
+    origins = Origins(settings)
     app = web.Application(
-        middlewares=[errors_middleware],
+        middlewares=[origins_middleware(origins), errors_middleware],
         client_max_size=settings.max_body_bytes,
         # subscribe tokens travel in the query string: allow long request lines and headers
         handler_args={"max_line_size": 65536, "max_field_size": 65536},
@@ -123,6 +146,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.on_shutdown.append(close_all_sockets)
+    app.on_response_prepare.append(cors_on_prepare(origins))
     for r in API_ROUTES + extra_routes():
         app.router.add_route(r.method, r.path, r.handler)
     app.router.add_get("/ws", ws_handler)
@@ -132,5 +156,5 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/api/openapi.json", openapi_json)
     app.router.add_get("/artifacts/{job_id}/{token}/{name}", artifact)
     app.router.add_get("/", console)
-    app.router.add_static("/static/", STATIC_DIR, append_version=False)
+    app.router.add_get("/static/{name}", static_file)
     return app

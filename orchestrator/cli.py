@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 
 from orchestrator.settings import Settings
@@ -105,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     dev = sub.add_parser("dev", help="Redis, SQLite, the API and workers on this machine")
-    dev.add_argument("--workers", type=int, default=2)
+    dev.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    dev.add_argument("--port", type=_at_least_one, help="the API's port (else ORCH_PORT, 8080)")
+    dev.add_argument(
+        "--redis-port", type=_at_least_one, help="the embedded Redis's port (else ORCH_REDIS_PORT, any free)"
+    )
+    dev.add_argument("--data-dir", help="SQLite, Redis data, artifacts, keys (else ORCH_DATA_DIR, ./.orchestrator)")
     serve = sub.add_parser("serve", help="the API and WebSocket gateway")
     serve.add_argument(
         "--processes",
@@ -132,13 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--type", dest="type_")
     s.add_argument("--input", default="{}", help="the input as JSON")
     s.add_argument("--wait", action="store_true", help="follow it live; exit 0 on completed, 1 otherwise")
+    s.add_argument("--json", action="store_true", help="with --wait: print the full job resource at the end")
     wa = sub.add_parser("watch", help="follow a job live until it ends")
     wa.add_argument("job_id")
+    wa.add_argument("--json", action="store_true", help="print the full job resource at the end")
     return p
+
+
+def _dev_flags_to_env(args: argparse.Namespace) -> None:
+    """`dev`'s flags win over the environment, for this process and the children it starts."""
+    for flag, var in (("port", "ORCH_PORT"), ("redis_port", "ORCH_REDIS_PORT"), ("data_dir", "ORCH_DATA_DIR")):
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[var] = str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd == "dev":
+        _dev_flags_to_env(args)
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "dev":
@@ -157,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator import client_cli
 
     if args.cmd == "submit":
-        return client_cli.submit(args.queue, args.type_, args.input, args.wait)
-    return client_cli.watch(args.job_id)
+        return client_cli.submit(args.queue, args.type_, args.input, args.wait, args.json)
+    return client_cli.watch(args.job_id, args.json)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,10 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 def run_dev(settings: Settings, workers: int) -> int:
     if not _port_free(settings.host, settings.port):
-        print(f"port {settings.port} on {settings.host} is in use: set ORCH_PORT to another port", file=sys.stderr)
+        print(
+            f"port {settings.port} on {settings.host} is in use: pass --port (or set ORCH_PORT) with another port",
+            file=sys.stderr,
+        )
         return 1
     private_dir(settings.data_dir)
     env = dict(os.environ)

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     upload_quota_bytes: int = Field(1024 * 1024 * 1024, ge=1, validation_alias=_env("ORCH_UPLOAD_QUOTA_BYTES"))
     """What one user's uploads may hold at once (they expire with ORCH_RETENTION_DAYS)."""
     log_level: str = Field("INFO", validation_alias=_env("ORCH_LOG_LEVEL"))
+    cors_origins: str = Field("", validation_alias=_env("ORCH_CORS_ORIGINS"))
+    """Comma separated browser origins (`https://app.example`) given CORS on /api and artifacts."""
+    ws_allow_any_origin: bool = Field(False, validation_alias=_env("ORCH_WS_ALLOW_ANY_ORIGIN"))
+    """Let /ws accept any Origin (else: listed in ORCH_CORS_ORIGINS or the API's own)."""
 
     @cached_property
     def db_url(self) -> str:

@@ -57,8 +57,10 @@ async def test_submit_wait_exits_zero_on_completed_and_one_on_failure(stack: Sta
         env=env,
     )
     assert ok.returncode == 0, ok.stderr
-    job = json.loads(ok.stdout)
-    assert job["status"] == "completed"
+    status, job_id = ok.stdout.split()[:2]
+    assert status == "completed" and job_id
+    assert "HTTP Request" not in ok.stderr  # no INFO line per request above the bar
+    job = {"jobId": job_id}
     bad = cli(
         stack,
         "submit",
@@ -68,11 +70,34 @@ async def test_submit_wait_exits_zero_on_completed_and_one_on_failure(stack: Sta
         "--input",
         '{"fail": true, "seconds": 0}',
         "--wait",
+        "--json",
         env=env,
     )
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["error"]["code"] == "TASK_ERROR"
-    watched = cli(stack, "watch", job["jobId"], env=env)
+    watched = cli(stack, "watch", job["jobId"], "--json", env=env)
     assert watched.returncode == 0 and json.loads(watched.stdout)["jobId"] == job["jobId"]
     nowait = cli(stack, "submit", "train", "--input", '{"name": "cli", "steps": 5}', env=env)
     assert nowait.returncode == 0 and json.loads(nowait.stdout)["status"] == "queued"
+
+
+async def test_submit_wait_ends_with_a_short_outcome_naming_the_artifact_urls(stack: Stack):
+    user = await stack.user(credits=20)
+    env = {"ORCH_URL": stack.url, "ORCH_API_KEY": user.api_key}
+    out = cli(
+        stack,
+        "submit",
+        "generate",
+        "--input",
+        '{"prompt": "a fox", "width": 64, "height": 64, "steps": 1}',
+        "--wait",
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("completed  ") and lines[0].endswith(" s")
+    urls = [line.split()[-1] for line in lines if line.strip().startswith("artifact")]
+    assert urls and all(u.startswith(f"{stack.url}/artifacts/") for u in urls)
+    assert len(lines) < 10
+    watched = cli(stack, "watch", lines[0].split()[1], env=env)
+    assert watched.returncode == 0 and watched.stdout == out.stdout

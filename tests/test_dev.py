@@ -44,11 +44,22 @@ def _descendants(pid: int) -> list[int]:
 
 
 async def test_dev_runs_everything_prints_a_key_and_stops_on_ctrl_c(tmp_path: Path, http: aiohttp.ClientSession):
-    port = free_port()
+    """Set by flags, which win over the environment's ORCH_PORT and ORCH_DATA_DIR."""
+    port, redis_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-    env |= {"ORCH_DATA_DIR": str(tmp_path / "data"), "ORCH_PORT": str(port), "ORCH_LOG_LEVEL": "WARNING"}
+    env |= {"ORCH_DATA_DIR": str(tmp_path / "elsewhere"), "ORCH_PORT": "1", "ORCH_LOG_LEVEL": "WARNING"}
+    flags = [
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--redis-port",
+        str(redis_port),
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "dev", "--workers", "2"],
+        [sys.executable, "-m", "orchestrator.cli", "dev", *flags],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -68,12 +79,14 @@ async def test_dev_runs_everything_prints_a_key_and_stops_on_ctrl_c(tmp_path: Pa
         key_match = re.search(r"demo API key: (\S+)", output)
         assert key_match, output
         assert f"http://127.0.0.1:{port}/" in output
+        assert f"127.0.0.1:{redis_port}" in output
         children = _descendants(proc.pid)
         assert len(children) >= 4  # redis, the API, two workers
         api = Api(http, f"http://127.0.0.1:{port}", key_match.group(1))
         job = await api.submit("generate", {"prompt": "dev", "width": 64, "height": 64, "steps": 2})
         assert (await api.wait(job["jobId"], timeout_s=90))["status"] == "completed"
         assert (tmp_path / "data" / "redis").is_dir()  # the embedded server keeps its AOF there
+        assert not (tmp_path / "elsewhere").exists()
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -79,7 +79,23 @@ export interface SubscriptionError {
 
 export type SubscriptionMessage = SubscribedMessage | JobEvent | SubscriptionError;
 
-export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "polling";
+/**
+ * "open": the socket delivers; "polling": the fallback delivers (the socket is probed in the
+ * background); "unauthorized": the API key or subscribe token is refused (bad, expired, revoked);
+ * "error": the token route answered an error. The client keeps retrying from every state but
+ * "idle"; `client.error` says why.
+ */
+export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "polling" | "unauthorized" | "error";
+
+/** Why the connection is not delivering: `code` is the API's (UNAUTHORIZED, NOT_FOUND, ...), or
+ * NETWORK_ERROR / TOKEN_FAILED / HTTP_<status> from the client; `status` 0 when there was no answer. */
+export interface ConnectionError {
+  code: string;
+  message: string;
+  status: number;
+  /** Set when one job cannot be followed (NOT_FOUND: unknown, another user's, or not in the token). */
+  jobId?: string;
+}
 
 type Secret = string | null | undefined | (() => string | null | undefined | Promise<string | null | undefined>);
 
@@ -91,13 +107,18 @@ export interface ClientOptions {
   /**
    * Where the socket's subscribe token comes from. Default: POST /api/tokens with `token`.
    * Give a function calling your own backend to keep the API key off the browser; it may return
-   * the token string or the `{token, expiresAt}` answer of POST /api/tokens. It is called for
-   * every connect with the ids of the jobs the socket will carry, so the token can be scoped to
-   * them (`jobIds`); a job subscribed later on the same socket triggers one reconnect with a new token.
+   * the token string, the `{token, expiresAt}` answer of POST /api/tokens, or the fetch
+   * `Response` of your route (an error answer in the API's shape, `{"error": {"code",
+   * "message"}}`, becomes the client's error with that status and code). It is called for every
+   * connect with the ids of the jobs the socket will carry. A token minted without `jobIds`
+   * covers every job of its user, later ones too: new jobs join the open socket. A token scoped
+   * to `jobIds` makes a job subscribed later cost one reconnect with a new token.
    */
   subscribeToken?:
     | string
-    | ((scope: { jobIds: string[] }) => string | null | undefined | Promise<string | { token: string; expiresAt?: string } | null | undefined>);
+    | ((
+        scope: { jobIds: string[] },
+      ) => string | null | undefined | Response | Promise<string | { token: string; expiresAt?: string } | Response | null | undefined>);
   /**
    * "auto" (default): WebSocket, falling back to polling after `maxSocketFailures` sockets that
    * never opened; "websocket": never fall back; "poll": no socket at all. Polling long-polls
@@ -113,8 +134,11 @@ export interface ClientOptions {
   tokenTtlSeconds?: number;
   /** Client pings; a socket silent for this + 10 s is replaced (default 25000, 0 = off). */
   pingIntervalMs?: number;
-  /** Reconnect backoff: exponential from initialMs to maxMs, with jitter (defaults 250, 10000). */
+  /** Reconnect backoff: exponential from initialMs to maxMs, with jitter (defaults 250, 10000);
+   * also the pace of the socket probes while on the fallback. */
   backoff?: { initialMs?: number; maxMs?: number };
+  /** Retries of a failed token fetch, on their own schedule (defaults 1000, 30000). */
+  tokenBackoff?: { initialMs?: number; maxMs?: number };
   /** Custom fetch (e.g. to add `cache: "no-store"` in Next.js 14 server code). */
   fetch?: typeof fetch;
   /** Custom WebSocket / EventSource constructors (tests, Node < 22). */
@@ -217,8 +241,12 @@ export interface OrchestratorClient {
   /** Ends every subscription and closes the socket. */
   close(): void;
   /** Connection state changes; returns a function removing the listener. */
-  onStateChange(listener: (state: ConnectionState) => void): () => void;
+  onStateChange(listener: (state: ConnectionState, error: ConnectionError | null) => void): () => void;
+  /** Every error the connection meets (token refused, token route failing, job not found). */
+  onError(listener: (error: ConnectionError) => void): () => void;
   readonly state: ConnectionState;
+  /** The last error while not delivering; null once the socket opens. */
+  readonly error: ConnectionError | null;
   /** What subscriptions currently use. */
   readonly transport: "websocket" | "poll" | "sse";
   /** Internals for tests and debugging; not a stable API. */
@@ -227,9 +255,11 @@ export interface OrchestratorClient {
       socketsCreated: number;
       socketsClosed: number;
       tokensFetched: number;
+      tokenFailures: number;
       messages: number;
       reconnects: number;
       polls: number;
+      probes: number;
     };
     readonly socket: WebSocket | null;
     readonly subscriptions: { jobId: string; handles: number; since: number | null }[];

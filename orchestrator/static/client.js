@@ -10,7 +10,10 @@
 // with a short-lived subscribe token (POST /api/tokens, or your own `subscribeToken` function),
 // resumes with `since` after a drop (exponential backoff with jitter), delivers every event
 // exactly once and in `seq` order, and falls back to long-polling (or SSE when only a subscribe
-// token is available) when the socket cannot be opened.
+// token is available) when the socket cannot be opened, probing the socket in the background
+// and returning to it as soon as one opens. Token fetch failures are retried on their own
+// schedule; `state`, `error` and `onError` say why nothing arrives (unauthorized, token route
+// failing, job not found).
 
 export const FINAL_STATUSES = Object.freeze(["completed", "failed", "cancelled", "timed_out"]);
 const FINAL = new Set(FINAL_STATUSES);
@@ -44,7 +47,11 @@ export class OrchestratorError extends Error {
  */
 export function applyEvent(job, evt) {
   if (!evt) return job;
-  if (evt.type === "subscribed") return evt.job ? { ...evt.job } : job;
+  if (evt.type === "subscribed") {
+    if (!evt.job) return job;
+    if (job && typeof job.seq === "number" && job.seq > evt.job.seq) return job; // never backwards
+    return { ...evt.job };
+  }
   if (typeof evt.seq !== "number") return job;
   if (job && typeof job.seq === "number" && evt.seq <= job.seq) return job;
   const next = job ? { ...job } : { jobId: evt.jobId, result: null, error: null };
@@ -76,8 +83,33 @@ const sleep = (ms, signal) =>
     if (signal) signal.addEventListener("abort", done, { once: true });
   });
 
+/** An error answered in the contract's shape (`{"error": {"code", "message"}}`), or HTTP_<status>. */
+async function responseError(res) {
+  const text = await res.text().catch(() => "");
+  let e = {};
+  try {
+    e = (JSON.parse(text) || {}).error || {};
+  } catch {
+    e = {};
+  }
+  const ra = res.headers.get("Retry-After");
+  return new OrchestratorError(
+    res.status,
+    e.code || `HTTP_${res.status}`,
+    e.message || text.slice(0, 200) || res.statusText,
+    e.details,
+    ra == null ? undefined : Number(ra),
+  );
+}
+
+/** A token (or key) from a value, a function, a `{token}` object or a fetch `Response` (whose
+ * error answer becomes an OrchestratorError with its status and code). */
 async function resolveValue(v, arg) {
-  const got = typeof v === "function" ? await v(arg) : await v;
+  let got = typeof v === "function" ? await v(arg) : await v;
+  if (got && typeof got === "object" && typeof got.json === "function" && "ok" in got) {
+    if (!got.ok) throw await responseError(got);
+    got = await got.json();
+  }
   if (got && typeof got === "object" && typeof got.token === "string") return got.token;
   return got;
 }
@@ -111,6 +143,11 @@ export function createClient(options = {}) {
     ...options,
   };
   const backoffCfg = { initialMs: 250, maxMs: 10000, ...(options.backoff || {}) };
+  const tokenBackoffCfg = { initialMs: 1000, maxMs: 30000, ...(options.tokenBackoff || {}) };
+  const jittered = (cfg, n) => {
+    const cap = Math.min(cfg.maxMs, cfg.initialMs * 2 ** Math.min(Math.max(n - 1, 0), 16));
+    return cap / 2 + Math.random() * (cap / 2);
+  };
   const fetchImpl = opts.fetch || ((...a) => globalThis.fetch(...a));
   const WS = () => opts.WebSocket || globalThis.WebSocket;
   const ES = () => opts.EventSource || globalThis.EventSource;
@@ -215,18 +252,30 @@ export function createClient(options = {}) {
   let state = "idle";
   let failures = 0; // consecutive sockets that never opened
   let attempt = 0; // consecutive drops, for the backoff
+  let tokenFailures = 0; // consecutive token fetches that failed, for their own schedule
+  let probes = 0; // consecutive background probes of the socket while on the fallback
   let reconnectTimer = null;
+  let probeTimer = null;
   let pingTimer = null;
   let lastMessageAt = 0;
+  let lastError = null;
   const stateListeners = new Set();
-  const stats = { socketsCreated: 0, socketsClosed: 0, tokensFetched: 0, messages: 0, reconnects: 0, polls: 0 };
+  const errorListeners = new Set();
+  const stats = {
+    socketsCreated: 0,
+    socketsClosed: 0,
+    tokensFetched: 0,
+    tokenFailures: 0,
+    messages: 0,
+    reconnects: 0,
+    polls: 0,
+    probes: 0,
+  };
 
-  function setState(s) {
-    if (s === state) return;
-    state = s;
-    for (const fn of [...stateListeners]) {
+  function notify(listeners, ...args) {
+    for (const fn of [...listeners]) {
       try {
-        fn(s);
+        fn(...args);
       } catch (err) {
         setTimeout(() => {
           throw err;
@@ -234,6 +283,31 @@ export function createClient(options = {}) {
       }
     }
   }
+
+  function setState(s) {
+    if (s === "open" || s === "idle") lastError = null;
+    if (s === state) return;
+    state = s;
+    notify(stateListeners, s, lastError);
+  }
+
+  /** Records why the connection is not delivering (`state` "unauthorized" or "error", or a
+   * network failure while "reconnecting") and tells `onError` listeners. */
+  function reportError(err, nextState) {
+    lastError = {
+      code: (err && err.code) || "ERROR",
+      message: (err && err.message) || String(err),
+      status: err && typeof err.status === "number" ? err.status : 0,
+      ...(err && err.jobId ? { jobId: err.jobId } : {}),
+    };
+    notify(errorListeners, lastError);
+    if (nextState && nextState !== state) {
+      state = nextState;
+      notify(stateListeners, nextState, lastError);
+    } else if (nextState) notify(stateListeners, nextState, lastError);
+  }
+
+  const isAuthError = (err) => err instanceof OrchestratorError && (err.status === 401 || err.status === 403);
 
   function call(h, msg) {
     try {
@@ -331,6 +405,7 @@ export function createClient(options = {}) {
           }
           if (msg.code === "NOT_FOUND") entry.notFound = true;
           deliverError(entry, msg.code, msg.message);
+          reportError({ code: msg.code, message: msg.message, status: msg.code === "NOT_FOUND" ? 404 : 0, jobId: entry.jobId });
         }
         return;
       default:
@@ -368,31 +443,35 @@ export function createClient(options = {}) {
   }
 
   let connecting = false;
-  async function connect() {
+  /** Opens the shared socket. A `probe` runs while the fallback serves the jobs: it changes
+   * nothing unless its socket opens, and then takes the jobs back from the fallback. */
+  async function connect(probe = false) {
     const gen = ++generation;
     connecting = true;
-    setState(attempt === 0 ? "connecting" : "reconnecting");
+    if (!probe) setState(attempt === 0 && tokenFailures === 0 ? "connecting" : "reconnecting");
+    else stats.probes++;
     let token;
     try {
       token = await subscribeToken([...jobs.keys()]);
     } catch (err) {
       connecting = false;
       if (gen !== generation) return;
-      if (err instanceof OrchestratorError && (err.status === 401 || err.status === 403)) {
-        for (const entry of jobs.values()) deliverError(entry, err.code, err.message);
-      }
-      socketLost(false, true);
+      stats.tokenFailures++;
+      tokenFailures++;
+      tokenLost(err, probe);
       return;
     }
+    tokenFailures = 0;
     connecting = false;
-    if (gen !== generation || jobs.size === 0 || mode !== "socket") return;
+    if (gen !== generation || jobs.size === 0 || mode !== (probe ? "poll" : "socket")) return;
     let sock;
     try {
       const Ctor = WS();
       if (!Ctor) throw new Error("no WebSocket in this environment");
       sock = new Ctor(wsUrl(token));
     } catch {
-      socketLost(false, true);
+      if (probe) scheduleProbe();
+      else socketLost(false, true, null);
       return;
     }
     ws = sock;
@@ -403,7 +482,12 @@ export function createClient(options = {}) {
       opened = true;
       failures = 0;
       attempt = 0;
+      probes = 0;
       lastMessageAt = Date.now();
+      if (mode === "poll") {
+        mode = "socket"; // back from the fallback: the socket resumes where the pollers were
+        for (const entry of jobs.values()) stopPoller(entry);
+      }
       setState("open");
       for (const entry of jobs.values()) {
         for (const h of entry.handles) h.needSnapshot = true; // a fresh snapshot after every (re)connect
@@ -419,8 +503,58 @@ export function createClient(options = {}) {
       stats.socketsClosed++;
       if (gen !== generation) return;
       ws = null;
-      socketLost(opened, false);
+      if (!opened && mode === "poll") scheduleProbe();
+      else socketLost(opened, false, opened ? null : token);
     };
+  }
+
+  /** A token fetch failed: retried on the token schedule; never counted as a socket failure. */
+  function tokenLost(err, probe) {
+    if (jobs.size === 0) return setState("idle");
+    if (isAuthError(err)) {
+      for (const entry of jobs.values()) deliverError(entry, err.code, err.message);
+      reportError(err, "unauthorized");
+    } else if (err instanceof OrchestratorError && err.status > 0) {
+      reportError(err, probe ? undefined : "error"); // the token route answered an error
+    } else {
+      const e = err instanceof OrchestratorError ? err : new OrchestratorError(0, "TOKEN_FAILED", `token: ${err && err.message ? err.message : err}`);
+      reportError(e, probe ? undefined : "reconnecting");
+    }
+    if (probe) return scheduleProbe();
+    if (reconnectTimer) clearTimeout(reconnectTimer);
+    reconnectTimer = setTimeout(() => {
+      reconnectTimer = null;
+      if (jobs.size && mode === "socket" && !ws) connect();
+    }, jittered(tokenBackoffCfg, tokenFailures));
+  }
+
+  /** While on the fallback, try the socket again in the background (backoff, at most maxMs apart). */
+  function scheduleProbe() {
+    if (probeTimer || opts.transport !== "auto" || mode !== "poll" || jobs.size === 0) return;
+    probes++;
+    probeTimer = setTimeout(() => {
+      probeTimer = null;
+      if (jobs.size && mode === "poll" && !ws && !connecting) connect(true);
+    }, jittered(backoffCfg, probes));
+  }
+
+  /** Why a socket never opened, when HTTP can tell (a browser hides the upgrade's status): the
+   * same token on the SSE route answers 401 for a bad or expired one. */
+  async function diagnose(token) {
+    const jobId = jobs.keys().next().value;
+    if (!token || jobId === undefined) return null;
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), 5000);
+    try {
+      const res = await fetchImpl(`${base}${jobPath(jobId)}/stream${queryString({ token })}`, { signal: ctrl.signal });
+      if (res.status === 401 || res.status === 403) return await responseError(res);
+      return null;
+    } catch {
+      return null;
+    } finally {
+      clearTimeout(timer);
+      ctrl.abort();
+    }
   }
 
   function stopPing() {
@@ -444,29 +578,47 @@ export function createClient(options = {}) {
         } catch {
           /* ignore */
         }
-        socketLost(true, false);
+        socketLost(true, false, null);
         return;
       }
       send({ type: "ping" });
     }, opts.pingIntervalMs);
   }
 
-  function socketLost(opened, failedEarly) {
+  async function socketLost(opened, failedEarly, token) {
     stopPing();
     if (jobs.size === 0) {
       setState("idle");
       return;
+    }
+    if (!opened && token) {
+      const gen = generation;
+      const why = await diagnose(token);
+      if (gen !== generation || jobs.size === 0) return;
+      if (why) {
+        // the token is refused: the fallback would be refused too; try again with a fresh one
+        for (const entry of jobs.values()) deliverError(entry, why.code, why.message);
+        reportError(why, "unauthorized");
+        tokenFailures++;
+        if (reconnectTimer) clearTimeout(reconnectTimer);
+        reconnectTimer = setTimeout(() => {
+          reconnectTimer = null;
+          if (jobs.size && mode === "socket" && !ws) connect();
+        }, jittered(tokenBackoffCfg, tokenFailures));
+        return;
+      }
     }
     if (!opened || failedEarly) failures++;
     attempt++;
     stats.reconnects++;
     if (opts.transport === "auto" && failures >= opts.maxSocketFailures) {
       mode = "poll";
+      probes = 0;
       ensureTransport();
+      scheduleProbe();
       return;
     }
-    const cap = Math.min(backoffCfg.maxMs, backoffCfg.initialMs * 2 ** Math.min(attempt - 1, 16));
-    const delay = cap / 2 + Math.random() * (cap / 2);
+    const delay = jittered(backoffCfg, attempt);
     setState("reconnecting");
     if (reconnectTimer) clearTimeout(reconnectTimer);
     reconnectTimer = setTimeout(() => {
@@ -479,6 +631,10 @@ export function createClient(options = {}) {
     generation++;
     if (reconnectTimer) clearTimeout(reconnectTimer);
     reconnectTimer = null;
+    if (probeTimer) clearTimeout(probeTimer);
+    probeTimer = null;
+    probes = 0;
+    tokenFailures = 0;
     connecting = false;
     stopPing();
     const sock = ws;
@@ -545,6 +701,7 @@ export function createClient(options = {}) {
         if (err instanceof OrchestratorError && [401, 403, 404].includes(err.status)) {
           if (err.status === 404) entry.notFound = true;
           deliverError(entry, err.code, err.message);
+          reportError({ ...err, message: err.message, jobId: entry.jobId }, err.status === 404 ? undefined : "unauthorized");
           return;
         }
         errors++;
@@ -673,6 +830,11 @@ export function createClient(options = {}) {
     return () => stateListeners.delete(fn);
   }
 
+  function onError(fn) {
+    errorListeners.add(fn);
+    return () => errorListeners.delete(fn);
+  }
+
   function close() {
     for (const entry of jobs.values()) {
       for (const h of entry.handles) h.active = false;
@@ -696,8 +858,13 @@ export function createClient(options = {}) {
     wait,
     close,
     onStateChange,
+    onError,
     get state() {
       return state;
+    },
+    /** Why the connection is not delivering ({code, message, status, jobId?}), or null. */
+    get error() {
+      return lastError;
     },
     get transport() {
       return mode === "poll" ? (opts.token !== undefined ? "poll" : "sse") : "websocket";
