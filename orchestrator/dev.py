@@ -189,7 +189,8 @@ def run_dev(settings: Settings, workers: int) -> int:
         }
     )
     key = asyncio.run(_demo_key(own))
-    children = [Child("api", ["serve"], env)]
+    # one API process per core, sharing the port (serve --processes: SO_REUSEPORT)
+    children = [Child("api", ["serve", "--processes", str(min(64, os.cpu_count() or 1))], env)]
     children += [Child(f"worker {i + 1}", ["worker"], env) for i in range(workers)]
     url = f"http://{settings.host}:{settings.port}"
     stopping = False
