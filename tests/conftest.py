@@ -12,8 +12,10 @@ At the end of the session, a process the tests started that is still alive (see
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -63,16 +65,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres | None]:
+def postgres() -> Iterator[Postgres | None]:
+    """One cluster per test process, in a directory of its own under /tmp rather than pytest's
+    basetemp: the cluster runs as the `postgres` user, which must traverse the path, and every
+    pytest session (each xdist worker) takes group and other access off /tmp/pytest-of-<user>."""
     if BACKEND != "postgres":
         yield None
         return
-    pg = Postgres(tmp_path_factory.mktemp("pg"))
-    pg.start()
+    root = Path(tempfile.mkdtemp(prefix="orch-test-pg-"))
+    pg = Postgres(root)
     try:
+        pg.start()
         yield pg
     finally:
         pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
