@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from orchestrator.accounts import KeyCache
 from orchestrator.artifacts import ArtifactStore
@@ -18,6 +21,11 @@ from orchestrator.ratelimit import Limiter
 from orchestrator.settings import Settings
 from queues.dispatch import Dispatcher
 from queues.registry import Registry, build_registry
+
+RECONNECT = (ExponentialBackoff(cap=1.0, base=0.05), 3)
+"""A command that fails on a broken connection is retried on a fresh one (after a Redis restart
+every pooled connection is stale, and a pool built by hand has no retry by default): a few
+times, so a Redis that stays down still fails fast."""
 
 
 @dataclass
@@ -42,11 +50,13 @@ class Core:
             await db.create_schema()
         # bounded pools: a burst of callers waits for a connection instead of opening one each
         limits = {"max_connections": settings.redis_max_connections, "timeout": 10}
-        opts = {"socket_connect_timeout": 2, "socket_timeout": 10}
+        opts = {"socket_connect_timeout": 2, "socket_timeout": 10, "retry_on_error": [redis.ConnectionError]}
         aredis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(settings.redis, **limits, **opts)
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis, retry=AsyncRetry(*RECONNECT), **limits, **opts
+            )
         )
-        sync_pool = redis.BlockingConnectionPool.from_url(settings.redis, **limits, **opts)
+        sync_pool = redis.BlockingConnectionPool.from_url(settings.redis, retry=Retry(*RECONNECT), **limits, **opts)
         sync_redis = redis.Redis(connection_pool=sync_pool)
         registry = build_registry(settings)
         bus = EventBus(aredis, settings.retention_days * 86400)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from conftest import FAST
 from redis import Redis
@@ -9,6 +11,8 @@ from rq import Queue
 from rq.job import Job
 from support import Api, Stack, eventually
 
+from orchestrator.core import Core
+from orchestrator.settings import Settings
 from queues.dispatch import rq_job_id
 
 STACK_ENV = FAST | {"ORCH_RETENTION_DAYS": str(3 / 86400)}
@@ -32,6 +36,25 @@ async def test_redis_restart_loses_no_queued_job(stack: Stack, http: aiohttp.Cli
     assert len(listing["jobs"]) == 10
     _, me, _ = await api.call("GET", "/api/me")
     assert me["credits"] == 90
+
+
+async def test_every_pooled_connection_recovers_after_a_redis_restart(stack: Stack):
+    """After a restart every connection a process's pool holds is dead; each must be replaced on
+    its next use, never handed to a caller as an error (a submit answered 503 minutes later)."""
+    env = {k: stack.env[k] for k in ("REDIS_URL", "DATABASE_URL", "ORCH_DATA_DIR", "ORCH_SECRET_KEY")}
+    core = await Core.open(Settings(_env_file=None, **env), create_schema=False)  # type: ignore[call-arg]
+    try:
+        width = core.settings.redis_max_connections
+        await asyncio.gather(*(core.aredis.blpop(["restart-test:nothing"], 0.2) for _ in range(width)))
+        core.redis.ping()
+        assert stack.redis is not None
+        stack.redis.kill()
+        stack.start_redis()
+        await asyncio.gather(*(core.limiter.hit_submit(f"restart-user-{i}") for i in range(width)))
+        assert core.redis.ping()
+        assert core.dispatcher.redis.ping()
+    finally:
+        await core.close()
 
 
 async def test_queued_row_missing_from_redis_is_enqueued_by_the_sweeper(stack: Stack, http: aiohttp.ClientSession):
