@@ -23,6 +23,7 @@ import httpx
 
 from orchestrator import accounts
 from orchestrator.db import Database
+from orchestrator.processes import descendants
 from orchestrator.redis_server import RedisServer, parent_death_signal
 from orchestrator.settings import Settings, private_dir
 
@@ -119,7 +120,7 @@ class Child:
 
     def terminate(self) -> None:
         if self.proc is not None:
-            self.family = set(_descendants(self.proc.pid))
+            self.family = set(descendants(self.proc.pid))
             _signal_group(self.proc, signal.SIGTERM)
 
     def wait_or_kill(self, deadline: float) -> None:
@@ -130,29 +131,12 @@ class Child:
         try:
             self.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self.family.update(_descendants(self.proc.pid))
+            self.family.update(descendants(self.proc.pid))
         _signal_group(self.proc, signal.SIGKILL)
         for pid in self.family:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(5)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc; none where there is no /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, frontier = [], [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            out.append(child)
-            frontier.append(child)
-    return out
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -26,6 +26,7 @@ import httpx
 
 from orchestrator import accounts
 from orchestrator.db import Database
+from orchestrator.processes import descendants
 from orchestrator.redis_server import RedisServer, free_port, parent_death_signal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -342,23 +343,6 @@ def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
     deadline = time.monotonic() + 5
     while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` in the process tree (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, frontier = [], [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            out.append(child)
-            frontier.append(child)
-    return out
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 30) -> None:
