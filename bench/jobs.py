@@ -257,6 +257,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     db = BenchDatabase(root, args.db)
     # No re-enqueue of the jobs of (a), which we drop from RQ before (c).
     st = stack(root, {"ORCH_REQUEUE_AFTER": "1000000"}, db.url)
+    st.api_args = ["--processes", str(args.api_processes)]
     bare: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {}
     worker_cls = our_worker_class()
@@ -295,7 +296,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(wait_workers, redis_url, 2, "generate")
         worker_pids = [p.pid for p in st.workers]
         cpu0 = sum(tree_cpu_seconds(p) for p in worker_pids)
-        api_cpu0 = tree_cpu_seconds(api_pid)
+        api_cpu0 = tree_cpu_seconds(api_pid)  # the serve supervisor and its API processes
         spy = PySpy(worker_pids[0], root / "worker.txt", subprocesses=True, rate=250) if args.profile else None
         c = await e2e(st.url, u_e2e.api_key, u_e2e.user_id, db, n_e2e, e2e_deadline)
         worker_cpu = sum(tree_cpu_seconds(p) for p in worker_pids) - cpu0
@@ -345,6 +346,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "baselineWorkerCpuMsPerJob": round(d_ms, 2),
             "apiCpuMsPerJob": round(1000 * api_cpu / max(1, c["n"]), 2),
             "workerClass": worker_cls,
+            "apiProcesses": args.api_processes,
             "db": args.db,
             "submits": a["n"],
             "jobs": c["n"],
@@ -407,6 +409,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=0, help="jobs run end to end in (c) and (d)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profiles)")
     ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite", help="the database to run on")
+    ap.add_argument(
+        "--api-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="`serve --processes N`, one per core by default as `orchestrator dev` starts",
+    )
     args = ap.parse_args()
     result = asyncio.run(run(args))
     print(json.dumps(result))

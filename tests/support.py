@@ -188,6 +188,8 @@ class Stack:
     root: Path
     database_url: str
     extra_env: dict[str, str] = field(default_factory=dict)
+    api_args: list[str] = field(default_factory=list)
+    """Extra arguments of `orchestrator serve` (e.g. `--processes 2`)."""
     redis: RedisServer | None = None
     apis: list[tuple[subprocess.Popen[bytes], int]] = field(default_factory=list)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -236,7 +238,7 @@ class Stack:
         port = port or free_port()
         env = self.env | {"ORCH_PORT": str(port)}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "serve"],
+            [sys.executable, "-m", "orchestrator.cli", "serve", *self.api_args],
             preexec_fn=parent_death_signal(),
             start_new_session=True,
             env=env,
