@@ -429,14 +429,20 @@ class Lifecycle:
         await self.dispatcher.astop(job.id, job.attempts if job.started_at else job.attempts + 1)
         if job.started_at is not None:
             await self.dispatcher.astop(job.id, job.attempts + 1)
+        await self.cancel_at_provider(job)
+        return job
+
+    async def cancel_at_provider(self, job: Job) -> None:
+        """Ask the provider that runs `job` (if any) to stop it: its type's `on_cancel` hook.
+        Best effort: the job is already final here."""
         task = self.registry.get(job.type)
         hook = task.extra.get("on_cancel") if task is not None else None
-        if hook is not None and job.provider_request_id:
-            try:
-                await hook(job)  # e.g. cancel the provider's request
-            except Exception as exc:
-                log.warning("provider cancel of %s failed: %s", job.id, exc)
-        return job
+        if hook is None or not job.provider_request_id:
+            return
+        try:
+            await hook(job)
+        except Exception as exc:
+            log.warning("provider cancel of %s failed: %s", job.id, exc)
 
     async def keep_charge(self, job_id: str, message: str, data: dict[str, Any] | None, actor: str) -> Applied:
         """A cancelled job that its provider ran to the end anyway (and billed): take its refund

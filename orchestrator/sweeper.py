@@ -24,7 +24,9 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlmodel import col
@@ -87,23 +89,20 @@ class Sweeper:
         await self._retention(report)
         return report
 
+    async def _oldest(self, order: Any, *where: Any) -> Sequence[Job]:
+        """At most BATCH jobs matching `where`, oldest by `order` first (one pass's share)."""
+        async with self.core.db.read() as s:
+            return (await s.execute(select(Job).where(*where).order_by(order).limit(BATCH))).scalars().all()
+
     # ---- jobs a provider runs --------------------------------------------------------------
 
     async def _handed_off(self, report: SweepReport) -> None:
         now = time.time()
-        async with self.core.db.read() as s:
-            rows = (
-                (
-                    await s.execute(
-                        select(Job)
-                        .where(col(Job.status).in_(("queued", "running")), col(Job.provider_request_id).is_not(None))
-                        .order_by(col(Job.created_at))
-                        .limit(BATCH)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+        rows = await self._oldest(
+            col(Job.created_at),
+            col(Job.status).in_(("queued", "running")),
+            col(Job.provider_request_id).is_not(None),
+        )
         for job in rows:
             task = self.core.registry.get(job.type)
             timeout = task.timeout_s if task else 3600
@@ -114,12 +113,7 @@ class Sweeper:
                         job.id, "TIMEOUT", f"exceeded the {timeout} s timeout", "timeout", status=status
                     )
                     report.timed_out.append(job.id)
-                    hook = task.extra.get("on_cancel") if task is not None else None
-                    if hook is not None:
-                        try:
-                            await hook(applied.job)
-                        except Exception as exc:
-                            log.warning("provider cancel of %s failed: %s", job.id, exc)
+                    await self.core.lifecycle.cancel_at_provider(applied.job)
                 continue
             watch = task.extra.get("watch") if task is not None else None
             if watch is not None and await watch(self.core.aredis, job):
@@ -129,19 +123,9 @@ class Sweeper:
 
     async def _running(self, report: SweepReport) -> None:
         now = time.time()
-        async with self.core.db.read() as s:
-            rows = (
-                (
-                    await s.execute(
-                        select(Job)
-                        .where(col(Job.status) == "running", col(Job.provider_request_id).is_(None))
-                        .order_by(col(Job.started_at))
-                        .limit(BATCH)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+        rows = await self._oldest(
+            col(Job.started_at), col(Job.status) == "running", col(Job.provider_request_id).is_(None)
+        )
         for job in rows:
             task = self.core.registry.get(job.type)
             timeout = task.timeout_s if task else 3600
@@ -183,23 +167,12 @@ class Sweeper:
 
     async def _queued(self, report: SweepReport) -> None:
         cutoff = time.time() - self.core.settings.requeue_after_s
-        async with self.core.db.read() as s:
-            rows = (
-                (
-                    await s.execute(
-                        select(Job)
-                        .where(
-                            col(Job.status) == "queued",
-                            col(Job.updated_at) < cutoff,
-                            col(Job.provider_request_id).is_(None),
-                        )
-                        .order_by(col(Job.updated_at))
-                        .limit(BATCH)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+        rows = await self._oldest(
+            col(Job.updated_at),
+            col(Job.status) == "queued",
+            col(Job.updated_at) < cutoff,
+            col(Job.provider_request_id).is_(None),
+        )
         for job in rows:
             attempt = job.attempts + 1
             held = await asyncio.to_thread(self.core.dispatcher.is_enqueued, job.id, attempt)
