@@ -323,8 +323,8 @@ def measure(clients: Clients, run: Any, settle_s: float = 10) -> dict[str, Any]:
 
 def driver_proc(conn: Any, env: dict[str, str], jobs: list[str], name: str) -> None:
     os.environ.update(env)
+    from orchestrator.core.views import iso
     from orchestrator.settings import Settings
-    from orchestrator.views import iso
     from queues.runtime import Runtime
 
     rt = Runtime(Settings())
@@ -452,7 +452,7 @@ def baseline_proc(conn: Any, port: int, nofile: int) -> None:
 
 
 async def _baseline(conn: Any, port: int) -> None:
-    from orchestrator.views import iso
+    from orchestrator.core.views import iso
 
     subs: dict[str, set[web.WebSocketResponse]] = defaultdict(set)
     pauses = gc_pauses()
@@ -748,7 +748,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         drivers = None
 
         # the bare broadcast, same sockets, same jobs, same rate and duration
-        from orchestrator.redis_server import free_port
+        from orchestrator.dev.redis_server import free_port
 
         port = free_port()
         parent, child = CTX.Pipe()

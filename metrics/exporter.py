@@ -19,7 +19,7 @@ from rq.registry import StartedJobRegistry
 
 from metrics.jobs import DURATION_BUCKETS_S, SEP, WAIT_BUCKETS_S
 from orchestrator import keys
-from queues.registry import QUEUES
+from orchestrator.core.tasktypes import QUEUES
 
 
 def _histogram(

@@ -13,11 +13,11 @@ from aiohttp import web
 
 from metrics.exporter import render as render_metrics
 from metrics.realtime import tune_gc
-from orchestrator import openapi
-from orchestrator.core import Core
+from orchestrator.api import openapi
+from orchestrator.api.origins import Origins, cors_on_prepare, origins_middleware
+from orchestrator.api.routes import API_ROUTES
+from orchestrator.core.services import Core
 from orchestrator.extra_routes import extra_routes
-from orchestrator.origins import Origins, cors_on_prepare, origins_middleware
-from orchestrator.routes import API_ROUTES
 from orchestrator.settings import Settings
 from orchestrator.web import CORE, core, errors_middleware, json_response
 from ws_gateway.access import ACCESS, Access
@@ -26,7 +26,7 @@ from ws_gateway.hub import hub_ctx
 from ws_gateway.limits import SocketSlots
 from ws_gateway.websocket import SOCKET_SLOTS, SOCKETS, close_all_sockets, ws_handler
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parent / "api" / "static"
 SETTINGS = web.AppKey("settings", Settings)
 
 
@@ -82,7 +82,7 @@ STATIC_TYPES = {
 
 
 async def static_file(request: web.Request) -> web.StreamResponse:
-    """A file of orchestrator/static by name (no subfolders, so no path can leave it)."""
+    """A file of orchestrator/api/static by name (no subfolders, so no path can leave it)."""
     name = request.match_info["name"]
     path = STATIC_DIR / name
     ctype = STATIC_TYPES.get(path.suffix)
@@ -119,7 +119,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     """Webhook sender and sweeper, when their modules are present."""
-    from orchestrator.background import start_background
+    from orchestrator.background.start import start_background
 
     tasks = start_background(app[CORE])
     yield

@@ -52,9 +52,9 @@ def _at_least_one(v: str) -> int:
 
 
 def _users(args: argparse.Namespace, settings: Settings) -> int:
-    from orchestrator import accounts
-    from orchestrator.db import Database
+    from orchestrator.core import accounts
     from orchestrator.errors import ApiError
+    from orchestrator.store.db import Database
 
     async def run() -> int:
         db = Database(settings.db_url)
@@ -82,7 +82,7 @@ def _users(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _credits(v: str, low: int) -> int:
-    from orchestrator.accounts import MAX_CREDIT
+    from orchestrator.core.accounts import MAX_CREDIT
 
     try:
         n = int(v)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "dev":
-        from orchestrator.dev import run_dev
+        from orchestrator.dev.stack import run_dev
 
         return run_dev(settings, args.workers)
     if args.cmd == "serve":
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(settings, queues, args.burst, args.max_jobs)
     if args.cmd == "users":
         return _users(args, settings)
-    from orchestrator import client_cli
+    from orchestrator.client import cli as client_cli
 
     if args.cmd == "submit":
         return client_cli.submit(args.queue, args.type_, args.input, args.wait, args.json)

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'orchestrator.db').resolve()}"
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'orchestrator.store.db').resolve()}"
 
     @cached_property
     def redis(self) -> str:

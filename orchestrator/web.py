@@ -12,8 +12,8 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from metrics import http as http_metrics
-from orchestrator.auth import Principal, authenticate
-from orchestrator.core import Core
+from orchestrator.core.auth import Principal, authenticate
+from orchestrator.core.services import Core
 from orchestrator.errors import (
     ApiError,
     BadRequest,

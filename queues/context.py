@@ -8,7 +8,7 @@ from typing import Any
 
 from rq.timeouts import JobTimeoutException
 
-from orchestrator.artifacts import ArtifactStore
+from orchestrator.core.artifacts import ArtifactStore
 
 RunSync = Callable[[Coroutine[Any, Any, Any]], Any]
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from rq.timeouts import JobTimeoutException
 
+from orchestrator.core.tasktypes import TaskError
 from orchestrator.errors import IllegalTransition, JobCancelled, NotFound
-from orchestrator.models import Job
 from orchestrator.settings import Settings
+from orchestrator.store.tables import Job
 from queues.context import TaskContext
-from queues.registry import TaskError
 from queues.runtime import Runtime
 
 log = logging.getLogger(__name__)

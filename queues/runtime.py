@@ -19,14 +19,14 @@ import redis
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.bus import EventBus
-from orchestrator.db import Database
-from orchestrator.lifecycle import Lifecycle
-from orchestrator.models import Job
+from orchestrator.core.artifacts import ArtifactStore
+from orchestrator.core.bus import EventBus
+from orchestrator.core.lifecycle import Lifecycle
+from orchestrator.core.tasktypes import Registry, TaskType, build_registry
 from orchestrator.settings import Settings
+from orchestrator.store.db import Database
+from orchestrator.store.tables import Job
 from queues.dispatch import Dispatcher
-from queues.registry import Registry, TaskType, build_registry
 
 T = TypeVar("T")
 

@@ -33,7 +33,7 @@ from typing import Any
 from redis import Redis
 
 from orchestrator import keys
-from orchestrator.redis_server import parent_death_signal
+from orchestrator.dev.redis_server import parent_death_signal
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def _describe(code: int) -> str:
 
 
 def run_worker(settings: Settings, queues: list[str], burst: bool = False, max_jobs: int = 0) -> int:
-    from queues.registry import QUEUES
+    from orchestrator.core.tasktypes import QUEUES
 
     for q in queues:
         if q not in QUEUES:

@@ -20,11 +20,11 @@ from redis import Redis
 from rq import Queue, SimpleWorker, Worker
 
 from orchestrator import keys
-from orchestrator.db import Database
+from orchestrator.core.tasktypes import QUEUES
 from orchestrator.errors import IllegalTransition, NotFound
 from orchestrator.settings import Settings
+from orchestrator.store.db import Database
 from queues import runner
-from queues.registry import QUEUES
 from queues.runtime import Runtime
 from queues.watch import JobWatch
 

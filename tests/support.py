@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 import httpx
 
-from orchestrator import accounts
-from orchestrator.db import Database
+from orchestrator.core import accounts
+from orchestrator.dev.redis_server import RedisServer, free_port, parent_death_signal
 from orchestrator.processes import descendants
-from orchestrator.redis_server import RedisServer, free_port, parent_death_signal
+from orchestrator.store.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = {"completed", "failed", "cancelled", "timed_out"}

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from orchestrator.core.tasktypes import TaskInput, TaskType
 from queues.context import TaskContext
-from queues.registry import TaskInput, TaskType
 
 SETUPS = 0
 

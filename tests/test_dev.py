@@ -15,7 +15,7 @@ import aiohttp
 import httpx
 from support import Api, descendants, track
 
-from orchestrator.redis_server import free_port
+from orchestrator.dev.redis_server import free_port
 
 
 def _alive(pid: int) -> bool:

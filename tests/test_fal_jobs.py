@@ -24,11 +24,11 @@ from fal_stub import FalStub, ModelBehaviour
 from PIL import Image
 from support import Api, Postgres, Stack, eventually
 
-from orchestrator import fal_webhook
+from orchestrator.dev.redis_server import free_port
 from orchestrator.errors import Unavailable
-from orchestrator.fal_webhook import verify_signature
-from orchestrator.redis_server import free_port
-from queues.providers import fal_tasks as ft
+from orchestrator.fal import tasks as ft
+from orchestrator.fal import webhook as fal_webhook
+from orchestrator.fal.webhook import verify_signature
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -81,7 +81,7 @@ def polled(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres | None, 
     if postgres is not None:
         url = postgres.create_db("t_fal_polled")
     else:
-        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db-polled') / 'orchestrator.db'}"
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db-polled') / 'orchestrator.store.db'}"
     env = {
         "ORCH_FAL_POLL_SCHEDULE": "1",
         "ORCH_FAL_POLL_MAX_ERRORS": "3",

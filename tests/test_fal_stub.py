@@ -1,4 +1,4 @@
-"""The real fal_client, through queues.providers.fal_api, against the local fal stub.
+"""The real fal_client, through orchestrator.fal.api, against the local fal stub.
 
 Most tests run fal_client in a subprocess whose environment comes from `FalStub.env()`, the
 way an RQ worker would run it: fal_client reads its hosts when imported, httpx reads
@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from fal_stub import FalStub, ModelBehaviour
 
-from queues.providers import fal_api
-from queues.providers.fal_api import AsyncFalAPI, FalError, image_urls, parse_webhook
+from orchestrator.fal import api as fal_api
+from orchestrator.fal.api import AsyncFalAPI, FalError, image_urls, parse_webhook
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,8 +31,8 @@ MODEL = "fal-ai/flux/dev"  # an endpoint with a subpath: status/result URLs drop
 
 PRELUDE = """
 import json
-from queues.providers import fal_api
-from queues.providers.fal_api import FalError
+from orchestrator.fal import api as fal_api
+from orchestrator.fal.api import FalError
 
 def err(e):
     return {"error": e.message, "status_code": e.status_code, "retryable": e.retryable,

@@ -136,8 +136,8 @@ async def test_unknown_routes_and_methods_use_the_error_shape(api: Api):
 async def test_webhook_urls_aimed_inside_are_refused(stack: Stack, http: aiohttp.ClientSession):
     """With ORCH_WEBHOOK_ALLOW_PRIVATE unset, the guard applies (this stack allows private, so we
     check the guard itself)."""
+    from orchestrator.delivery.ssrf import check_url
     from orchestrator.errors import ValidationFailed
-    from orchestrator.ssrf import check_url
 
     for url in (
         "http://127.0.0.1/x",

@@ -28,7 +28,7 @@ import httpx
 import pytest
 from support import ROOT, Postgres, _stop, track, wait_http
 
-from orchestrator.redis_server import RedisServer, free_port
+from orchestrator.dev.redis_server import RedisServer, free_port
 
 LOCK = ROOT / "requirements.lock"
 FINAL = {"completed", "failed", "cancelled", "timed_out"}

@@ -180,7 +180,7 @@ async def test_forty_concurrent_submits_against_five_credits_create_five_jobs(
 
 
 def test_artifact_paths_accept_every_url_safe_id_and_refuse_traversal(tmp_path):
-    from orchestrator.artifacts import ArtifactStore
+    from orchestrator.core.artifacts import ArtifactStore
 
     store = ArtifactStore(tmp_path)
     for job_id in ("-starts-with-dash", "_underscore", "plainId"):

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import Api, Stack, eventually, wait_http
 
-from orchestrator.redis_server import free_port
+from orchestrator.dev.redis_server import free_port
 
 CONTRACT_METRICS = {
     "orchestrator_jobs_total": "counter",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "nextjs"
-STATIC = ROOT / "orchestrator" / "static"
+STATIC = ROOT / "orchestrator" / "api" / "static"
 
 
 def guide_files() -> dict[str, str]:

@@ -2,7 +2,7 @@
 /api/openapi.json, positive and negative cases from the examples, coverage and fuzzing phases get
 no server error, a documented status code and content type, and a body that matches the schema.
 
-The schema is loaded at collection time from `orchestrator.openapi.build()`, the same dict the
+The schema is loaded at collection time from `orchestrator.api.openapi.build()`, the same dict the
 server serves (checked by `test_served_schema_is_the_one_tested`); requests go to this module's
 stack. Generated job ids are random, so positive cases are also pointed, some of the time, at real
 jobs in each final state (and valid submit bodies are mixed in), so 2xx answers get checked too."""
@@ -28,8 +28,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from support import Api, Stack
 
-from orchestrator import openapi
-from orchestrator.redis_server import free_port
+from orchestrator.api import openapi
+from orchestrator.dev.redis_server import free_port
 
 STACK_ENV = {
     "ORCH_SUBMIT_RATE": "100000/minute",

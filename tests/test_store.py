@@ -15,8 +15,9 @@ from redis import Redis
 from sqlalchemy import event, text
 from support import Stack, eventually
 
-from orchestrator import accounts, keys
-from orchestrator.core import Core
+from orchestrator import keys
+from orchestrator.core import accounts
+from orchestrator.core.services import Core
 from orchestrator.errors import IllegalTransition, InsufficientCredits
 from orchestrator.settings import Settings
 
@@ -168,8 +169,8 @@ async def revoke(core: Core, user_id: str) -> None:
 async def test_a_change_failing_after_it_wrote_fails_alone_and_leaves_nothing(stack: Stack, core: Core):
     from sqlalchemy import Connection, insert
 
-    from orchestrator.group_commit import Done, GroupCommit
-    from orchestrator.models import IdempotencyKey
+    from orchestrator.store.group_commit import Done, GroupCommit
+    from orchestrator.store.tables import IdempotencyKey
 
     table = IdempotencyKey.__table__  # type: ignore[attr-defined]
     writer = GroupCommit(core.db, core.bus.send)

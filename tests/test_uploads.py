@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from orchestrator import uploads
-from orchestrator.artifacts import ArtifactStore
+from orchestrator.core import uploads
+from orchestrator.core.artifacts import ArtifactStore
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 

@@ -17,8 +17,8 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support import Api, Stack, eventually
 
-from orchestrator import webhooks
-from orchestrator.redis_server import free_port
+from orchestrator.delivery import sender as webhooks
+from orchestrator.dev.redis_server import free_port
 
 STACK_ENV = {"ORCH_WEBHOOK_RETRY_SCHEDULE": "0.3,0.6,1", "ORCH_WEBHOOK_TIMEOUT": "1"}
 QUICK = {"seconds": 0, "ticks": 0}

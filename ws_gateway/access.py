@@ -1,6 +1,6 @@
 """Who may read a job's events on /ws and SSE streams, cheaply enough for a reconnecting crowd.
 
-API keys go through orchestrator.auth. A subscribe token is checked there too (signature and
+API keys go through orchestrator.core.auth. A subscribe token is checked there too (signature and
 expiry); the user it names is then read from SQL at most once per `USER_TTL_S` for all the
 sockets opened with that user's tokens, and the token's expiry is kept so that an open socket
 can be closed when it passes.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from itsdangerous import URLSafeSerializer
 
-from orchestrator import accounts
-from orchestrator.auth import TOKEN_PREFIX, TOKEN_SALT, Principal, bearer
-from orchestrator.core import Core
+from orchestrator.core import accounts
+from orchestrator.core.auth import TOKEN_PREFIX, TOKEN_SALT, Principal, bearer
+from orchestrator.core.services import Core
 from orchestrator.errors import Unauthorized
 from orchestrator.web import PRINCIPAL, principal
 from ws_gateway.flights import Flights

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from metrics.realtime import WS_TALLY
-from orchestrator import jobs, keys
-from orchestrator.core import Core
+from orchestrator import keys
+from orchestrator.core import jobs
+from orchestrator.core.services import Core
 from ws_gateway.flights import Flights
 from ws_gateway.jobcache import JobCache
 from ws_gateway.message import Message

@@ -17,11 +17,11 @@ import time
 import orjson
 from sqlmodel import col, select
 
-from orchestrator import jobs
-from orchestrator.db import Database
+from orchestrator.core import jobs
+from orchestrator.core.views import job_resource
 from orchestrator.errors import NotFound
-from orchestrator.models import Job
-from orchestrator.views import job_resource
+from orchestrator.store.db import Database
+from orchestrator.store.tables import Job
 from ws_gateway.flights import Flights
 from ws_gateway.message import ws_text_frame
 

@@ -21,8 +21,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
 from metrics.realtime import WS_CLIENTS, WS_TALLY
-from orchestrator.api_models import MAX_SEQ
-from orchestrator.auth import Principal
+from orchestrator.api.models import MAX_SEQ
+from orchestrator.core.auth import Principal
 from orchestrator.errors import ApiError, NotFound
 from orchestrator.web import core
 from ws_gateway.access import ACCESS

@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import Field
 from safetensors.numpy import save
 
+from orchestrator.core.tasktypes import TaskInput, TaskType
 from queues.context import TaskContext
-from queues.registry import TaskInput, TaskType
 
 DIM = 128
 BATCH = 256

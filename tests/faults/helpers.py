@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from orchestrator.db import Database
+from orchestrator.store.db import Database
 
 FINAL = ("completed", "failed", "cancelled", "timed_out")
 

@@ -11,7 +11,7 @@ from rq import Queue
 from rq.job import Job
 from support import Api, Stack, eventually
 
-from orchestrator.core import Core
+from orchestrator.core.services import Core
 from orchestrator.settings import Settings
 from queues.dispatch import rq_job_id
 

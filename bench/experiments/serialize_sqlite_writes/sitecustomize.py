@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 try:
-    import orchestrator.db as _db
+    import orchestrator.store.db as _db
 
     _orig = _db.Database.write
     _locks: dict[int, asyncio.Lock] = {}
