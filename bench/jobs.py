@@ -55,12 +55,13 @@ from rq import Queue, Worker
 from rq.job import Job as RQJob
 from rq.registry import FinishedJobRegistry
 
+from orchestrator.states import FINAL
+
 CLIENTS = 32
 SLEEP_JOB = {"type": "sleep", "input": {"seconds": 0, "ticks": 0}}
 BARE_QUEUE = "bench-bare"
 NOOP_QUEUE = "bench-noop"
 NOOP = "benchnoop.noop"
-FINAL = ("completed", "failed", "cancelled", "timed_out")
 
 
 # ---- (a) and (c): submits over HTTP --------------------------------------------------------------

@@ -31,6 +31,8 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dashboard_model
 
+from orchestrator.states import FINAL as FINAL_STATUSES
+
 TITLE = "Monitoring: Jobs"
 UID = "orchestrator-jobs"
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "jobs.json"
@@ -42,7 +44,7 @@ QUEUE_REGEX = ".*"
 RATE_INTERVAL = "1m"
 
 Q = 'queue=~"$queue"'
-FINAL = 'status=~"completed|failed|cancelled|timed_out"'
+FINAL = f'status=~"{"|".join(sorted(FINAL_STATUSES))}"'
 COMPLETED = f'{Q}, status="completed"'
 DEDUP = "max without (instance, job)"
 

@@ -17,9 +17,7 @@ from redis import Redis
 from rq import Queue
 from rq.registry import StartedJobRegistry
 
-from metrics.jobs import DURATION_BUCKETS_S, SEP, WAIT_BUCKETS_S
-from orchestrator import keys
-from orchestrator.core.tasktypes import QUEUES
+from metrics.jobs import DURATION_BUCKETS_S, DURATION_KEY, SEP, TOTAL_KEY, WAIT_BUCKETS_S, WAIT_KEY
 
 
 def _histogram(
@@ -39,14 +37,15 @@ def _histogram(
 
 
 class ClusterCollector(Collector):
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, queues: tuple[str, ...]) -> None:
         self.redis = redis
+        self.queues = queues
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.JOB_METRICS_TOTAL)
-        pipe.hgetall(keys.JOB_METRICS_DURATION)
-        pipe.hgetall(keys.JOB_METRICS_WAIT)
+        pipe.hgetall(TOTAL_KEY)
+        pipe.hgetall(DURATION_KEY)
+        pipe.hgetall(WAIT_KEY)
         totals, durations, waits = pipe.execute()
         jobs = CounterMetricFamily(
             "orchestrator_jobs_total",
@@ -72,7 +71,7 @@ class ClusterCollector(Collector):
         )
         depth = GaugeMetricFamily("orchestrator_queue_depth", "Jobs waiting in each RQ queue.", labels=["queue"])
         running = GaugeMetricFamily("orchestrator_jobs_running", "Jobs running per queue (RQ).", labels=["queue"])
-        for name in QUEUES:
+        for name in self.queues:
             q = Queue(name, connection=self.redis)
             depth.add_metric([name], q.count)
             running.add_metric([name], StartedJobRegistry(name, connection=self.redis).count)
@@ -80,7 +79,7 @@ class ClusterCollector(Collector):
         yield running
 
 
-def render(redis: Redis) -> bytes:
+def render(redis: Redis, queues: tuple[str, ...]) -> bytes:
     """The process's own metrics (summed over all API processes of one `serve --processes N`,
     which share PROMETHEUS_MULTIPROC_DIR) plus the cluster-wide ones."""
     own = REGISTRY
@@ -88,7 +87,7 @@ def render(redis: Redis) -> bytes:
         own = CollectorRegistry()
         MultiProcessCollector(own)
     extra = CollectorRegistry(auto_describe=False)
-    extra.register(ClusterCollector(redis))
+    extra.register(ClusterCollector(redis, queues))
     try:
         cluster = generate_latest(extra)
     except Exception:  # Redis down: still serve the process's own metrics

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import keys
-
 DURATION_BUCKETS_S = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 WAIT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 SEP = "|"
+
+# Redis hashes (the metrics package owns its keys: it imports nothing of the project)
+TOTAL_KEY = "orch:metrics:jobs_total"
+DURATION_KEY = "orch:metrics:job_duration"
+WAIT_KEY = "orch:metrics:job_wait"
 
 
 def _observe(pipe: Any, key: str, labels: tuple[str, ...], value: float, buckets: tuple[float, ...]) -> None:
@@ -36,13 +39,13 @@ def record_transition(
     duration_s: float | None = None,
 ) -> None:
     """Queue Redis commands on `pipe` for a job entering `status`."""
-    pipe.hincrby(keys.JOB_METRICS_TOTAL, SEP.join((queue, task_type, status)), 1)
+    pipe.hincrby(TOTAL_KEY, SEP.join((queue, task_type, status)), 1)
     if wait_s is not None:
-        _observe(pipe, keys.JOB_METRICS_WAIT, (queue,), max(wait_s, 0.0), WAIT_BUCKETS_S)
+        _observe(pipe, WAIT_KEY, (queue,), max(wait_s, 0.0), WAIT_BUCKETS_S)
     if duration_s is not None:
         _observe(
             pipe,
-            keys.JOB_METRICS_DURATION,
+            DURATION_KEY,
             (queue, task_type, status),
             max(duration_s, 0.0),
             DURATION_BUCKETS_S,

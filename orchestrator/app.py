@@ -13,13 +13,17 @@ from aiohttp import web
 
 from metrics.exporter import render as render_metrics
 from metrics.realtime import tune_gc
-from orchestrator.api import openapi
+from orchestrator.api import openapi, uploads, webhooks
 from orchestrator.api.origins import Origins, cors_on_prepare, origins_middleware
 from orchestrator.api.routes import API_ROUTES
 from orchestrator.core.services import Core
-from orchestrator.extra_routes import extra_routes
+from orchestrator.core.tasktypes import QUEUES
+from orchestrator.delivery.channels import durable_channels
+from orchestrator.fal import webhook as fal_webhook
 from orchestrator.settings import Settings
 from orchestrator.web import CORE, core, errors_middleware, json_response
+from queues.dispatch import Dispatcher
+from queues.registry import build_registry
 from ws_gateway.access import ACCESS, Access
 from ws_gateway.collector import COLLECTOR
 from ws_gateway.hub import hub_ctx
@@ -46,7 +50,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = await asyncio.to_thread(render_metrics, core(request).redis)
+    c = core(request)
+    body = await asyncio.to_thread(render_metrics, c.redis, QUEUES)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -94,9 +99,24 @@ async def static_file(request: web.Request) -> web.StreamResponse:
 OPENAPI = web.AppKey("openapi", dict)
 
 
+async def open_core(settings: Settings, create_schema: bool = True) -> Core:
+    """The core of an API process, with RQ as its dispatcher and the durable channels."""
+    return await Core.open(
+        settings,
+        registry=build_registry(settings),
+        make_dispatcher=Dispatcher,
+        channels=durable_channels(),
+        create_schema=create_schema,
+    )
+
+
+ROUTES = [*API_ROUTES, *webhooks.ROUTES, *uploads.ROUTES, *fal_webhook.ROUTES]
+"""Every /api route: the app mounts them and /api/openapi.json documents them."""
+
+
 async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    c = await Core.open(settings)
+    c = await open_core(settings)
     app[CORE] = c
     slots = SocketSlots(c.aredis, settings.max_sockets_per_user, settings.slot_ttl_s)
     app[SOCKET_SLOTS] = slots
@@ -140,14 +160,14 @@ def create_app(settings: Settings | None = None) -> web.Application:
         handler_args={"max_line_size": 65536, "max_field_size": 65536},
     )
     app[SETTINGS] = settings
-    app[OPENAPI] = openapi.build()
+    app[OPENAPI] = openapi.build(ROUTES)
     app[SOCKETS] = set()
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.on_shutdown.append(close_all_sockets)
     app.on_response_prepare.append(cors_on_prepare(origins))
-    for r in API_ROUTES + extra_routes():
+    for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/healthz", healthz)

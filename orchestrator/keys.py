@@ -1,12 +1,10 @@
-"""Every Redis key and channel the project uses, in one place."""
+"""Every Redis key and channel the project uses, in one place (the job metrics' hashes are
+metrics.jobs', since the metrics package imports nothing of ours)."""
 
 PREFIX = "orch"
 EVENTS_CHANNEL = f"{PREFIX}:events"
 """Pub/sub channel carrying every stored event (JSON); each API process holds one subscription."""
 
-JOB_METRICS_TOTAL = f"{PREFIX}:metrics:jobs_total"
-JOB_METRICS_DURATION = f"{PREFIX}:metrics:job_duration"
-JOB_METRICS_WAIT = f"{PREFIX}:metrics:job_wait"
 SWEEPER_LOCK = f"{PREFIX}:lock:sweeper"
 DELAYED = f"{PREFIX}:delayed"
 """Attempts waiting for their backoff: member `jobId|queue|attempt|timeout`, score = due time."""

@@ -1,8 +1,12 @@
-"""The process tree, read from /proc: what `orchestrator dev` and the tests use to stop a child
-with everything it started (a child may lead a session of its own, out of reach of its group)."""
+"""Process control shared by the supervisors (`dev`, `serve`, `worker`) and the tests: the process
+tree, read from /proc, to stop a child with everything it started (a child may lead a session of
+its own, out of reach of its group), and children that die with their parent."""
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -21,3 +25,16 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             frontier.append(child)
     return out
+
+
+def die_with_parent() -> None:
+    """preexec_fn (Linux): SIGTERM this child when the thread that started it ends."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """`die_with_parent` when called on the main thread; None elsewhere, since the signal follows
+    the starting thread (a worker thread of asyncio.to_thread ends long before the process)."""
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None

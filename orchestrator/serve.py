@@ -24,7 +24,7 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from orchestrator.dev.redis_server import parent_death_signal
+from orchestrator.processes import parent_death_signal
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -157,3 +158,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         route = request.match_info.route.resource
         name = route.canonical if route is not None else "unmatched"
         http_metrics.observe(request.method, name, status, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route: the app mounts its handler and /api/openapi.json documents it."""
+
+    method: str
+    path: str
+    handler: Any
+    summary: str
+    response: type[BaseModel] | None
+    status: int = 200
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    auth: str = "key"  # key, token (key or subscribe token), none
+    tag: str = "jobs"

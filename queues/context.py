@@ -1,10 +1,11 @@
-"""What a running task sees: `report`, `log`, `artifact`. Handlers are plain synchronous code."""
+"""What a running task sees (`orchestrator.core.ports.TaskContext`: `report`, `log`, `artifact`),
+as a worker provides it. Handlers are plain synchronous code."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from rq.timeouts import JobTimeoutException
 
@@ -13,8 +14,28 @@ from orchestrator.core.artifacts import ArtifactStore
 RunSync = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
-class TaskContext:
-    """Handed to a handler. Every call is stored and announced before it returns.
+class Reporter(Protocol):
+    """The lifecycle's calls a task makes (queues.runner guards them for a finished job)."""
+
+    async def progress(
+        self,
+        job_id: str,
+        progress: float,
+        message: str | None,
+        data: dict[str, Any] | None,
+        actor: str,
+        attempt: int | None = None,
+    ) -> Any: ...
+
+    async def log(
+        self, job_id: str, message: str, data: dict[str, Any] | None, actor: str, attempt: int | None = None
+    ) -> Any: ...
+
+    async def handoff(self, job_id: str, provider: str, request_id: str, actor: str) -> Any: ...
+
+
+class WorkerContext:
+    """The `TaskContext` a worker hands to a handler. Every call is stored and announced before it returns.
 
     `report` raises `JobCancelled` once the job has been cancelled (or finished elsewhere), and
     `JobTimeoutException` once the type's timeout has passed, so a handler that reports often
@@ -27,7 +48,7 @@ class TaskContext:
         job_id: str,
         attempt: int,
         actor: str,
-        lifecycle: Any,
+        lifecycle: Reporter,
         artifacts: ArtifactStore,
         run_sync: RunSync,
         state: Any = None,

@@ -17,7 +17,7 @@ from orchestrator.core.tasktypes import TaskError
 from orchestrator.errors import IllegalTransition, JobCancelled, NotFound
 from orchestrator.settings import Settings
 from orchestrator.store.tables import Job
-from queues.context import TaskContext
+from queues.context import WorkerContext
 from queues.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def execute(rt: Runtime, job_id: str) -> None:
         finish(rt.lifecycle.fail(job_id, "TASK_ERROR", f"unknown task type {job.type!r}", actor, attempt=n))
         return
     deadline = time.monotonic() + task.timeout_s
-    ctx = TaskContext(job_id, n, actor, _Guarded(rt), rt.artifacts, rt.run_sync, deadline=deadline)
+    ctx = WorkerContext(job_id, n, actor, _Guarded(rt), rt.artifacts, rt.run_sync, deadline=deadline)
     try:
         with rt.interruptible:
             inp = task.input_model.model_validate(job.input)
@@ -108,20 +108,30 @@ class _Guarded:
     def __init__(self, rt: Runtime) -> None:
         self._lc = rt.lifecycle
 
-    async def progress(self, *args: object, **kwargs: object) -> None:
+    async def progress(
+        self,
+        job_id: str,
+        progress: float,
+        message: str | None,
+        data: dict[str, Any] | None,
+        actor: str,
+        attempt: int | None = None,
+    ) -> None:
         try:
-            await self._lc.progress(*args, **kwargs)  # type: ignore[arg-type]
+            await self._lc.progress(job_id, progress, message, data, actor, attempt)
         except IllegalTransition as exc:
             raise JobCancelled(str(exc)) from exc
 
-    async def handoff(self, *args: object, **kwargs: object) -> None:
+    async def handoff(self, job_id: str, provider: str, request_id: str, actor: str) -> None:
         try:
-            await self._lc.handoff(*args, **kwargs)  # type: ignore[arg-type]
+            await self._lc.handoff(job_id, provider, request_id, actor)
         except IllegalTransition as exc:
             raise JobCancelled(str(exc)) from exc
 
-    async def log(self, *args: object, **kwargs: object) -> None:
+    async def log(
+        self, job_id: str, message: str, data: dict[str, Any] | None, actor: str, attempt: int | None = None
+    ) -> None:
         try:
-            await self._lc.log(*args, **kwargs)  # type: ignore[arg-type]
+            await self._lc.log(job_id, message, data, actor, attempt)
         except IllegalTransition as exc:
             raise JobCancelled(str(exc)) from exc

@@ -22,11 +22,13 @@ from sqlalchemy import select
 from orchestrator.core.artifacts import ArtifactStore
 from orchestrator.core.bus import EventBus
 from orchestrator.core.lifecycle import Lifecycle
-from orchestrator.core.tasktypes import Registry, TaskType, build_registry
+from orchestrator.core.tasktypes import Registry, TaskType
+from orchestrator.delivery.channels import durable_channels
 from orchestrator.settings import Settings
 from orchestrator.store.db import Database
 from orchestrator.store.tables import Job
 from queues.dispatch import Dispatcher
+from queues.registry import build_registry
 
 T = TypeVar("T")
 
@@ -47,7 +49,7 @@ class Runtime:
         self.db = Database(settings.db_url)
         self.aredis = self.run_sync(self._make_aredis())
         self.bus = EventBus(self.aredis, settings.retention_days * 86400)
-        self.lifecycle = Lifecycle(self.db, self.bus, self.registry, Dispatcher(self.redis))
+        self.lifecycle = Lifecycle(self.db, self.bus, self.registry, Dispatcher(self.redis), durable_channels())
 
     async def _make_aredis(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(self.settings.redis)

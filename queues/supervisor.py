@@ -33,7 +33,7 @@ from typing import Any
 from redis import Redis
 
 from orchestrator import keys
-from orchestrator.dev.redis_server import parent_death_signal
+from orchestrator.processes import parent_death_signal
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)

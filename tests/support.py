@@ -25,12 +25,12 @@ import aiohttp
 import httpx
 
 from orchestrator.core import accounts
-from orchestrator.dev.redis_server import RedisServer, free_port, parent_death_signal
-from orchestrator.processes import descendants
+from orchestrator.dev.redis_server import RedisServer, free_port
+from orchestrator.processes import descendants, parent_death_signal
+from orchestrator.states import FINAL
 from orchestrator.store.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent
-FINAL = {"completed", "failed", "cancelled", "timed_out"}
 STARTED: list[int] = []
 """PIDs of the processes the tests started (Stack's, and any passed to `track`)."""
 

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from orchestrator.core.ports import TaskContext
 from orchestrator.core.tasktypes import TaskInput, TaskType
-from queues.context import TaskContext
 
 SETUPS = 0
 

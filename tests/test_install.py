@@ -29,9 +29,9 @@ import pytest
 from support import ROOT, Postgres, _stop, track, wait_http
 
 from orchestrator.dev.redis_server import RedisServer, free_port
+from orchestrator.states import FINAL
 
 LOCK = ROOT / "requirements.lock"
-FINAL = {"completed", "failed", "cancelled", "timed_out"}
 
 
 def _pins(lock: Path) -> set[str]:

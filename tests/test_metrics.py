@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import Api, Stack, eventually, wait_http
 
 from orchestrator.dev.redis_server import free_port
+from orchestrator.states import FINAL
 
 CONTRACT_METRICS = {
     "orchestrator_jobs_total": "counter",
@@ -36,7 +37,6 @@ CONTRACT_METRICS = {
     "orchestrator_http_request_duration_seconds": "histogram",
 }
 CLUSTER_WIDE = ("orchestrator_jobs_total", "orchestrator_job_duration_seconds", "orchestrator_job_wait_seconds")
-FINAL = ("completed", "failed", "cancelled", "timed_out")
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[str, dict[Labels, float]]

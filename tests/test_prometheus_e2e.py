@@ -30,13 +30,14 @@ from aiohttp import web
 from prometheus_server import PrometheusServer, free_port, load_dashboard, prometheus_binary, start_prometheus
 from support import Api, Stack, skip_or_fail
 
+from orchestrator.states import FINAL
+
 if prometheus_binary() is None:
     if os.environ.get("CI"):
         pytest.fail("prometheus is not installed: apt-get install -y prometheus", pytrace=False)
     skip_or_fail("prometheus is not installed (apt-get install -y prometheus)")
 
 STACK_WORKERS = 2
-FINAL = ("completed", "failed", "cancelled", "timed_out")
 WEBHOOK_METRIC = "orchestrator_webhook_deliveries_total"
 DEDUP_JOBS = "sum by (queue, type, status) (max without (instance, job) (orchestrator_jobs_total))"
 

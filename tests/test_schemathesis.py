@@ -2,7 +2,7 @@
 /api/openapi.json, positive and negative cases from the examples, coverage and fuzzing phases get
 no server error, a documented status code and content type, and a body that matches the schema.
 
-The schema is loaded at collection time from `orchestrator.api.openapi.build()`, the same dict the
+The schema is loaded at collection time from `orchestrator.api.openapi.build(ROUTES)`, the same dict the
 server serves (checked by `test_served_schema_is_the_one_tested`); requests go to this module's
 stack. Generated job ids are random, so positive cases are also pointed, some of the time, at real
 jobs in each final state (and valid submit bodies are mixed in), so 2xx answers get checked too."""
@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
 from support import Api, Stack
 
 from orchestrator.api import openapi
+from orchestrator.app import ROUTES
 from orchestrator.dev.redis_server import free_port
 
 STACK_ENV = {
@@ -39,7 +40,7 @@ STACK_ENV = {
 STACK_WORKERS = 1
 MAX_EXAMPLES = 30
 
-schema = schemathesis.openapi.from_dict(openapi.build())
+schema = schemathesis.openapi.from_dict(openapi.build(ROUTES))
 schema.config.generation.update(
     modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
     max_examples=MAX_EXAMPLES,
@@ -302,7 +303,7 @@ def test_served_schema_is_the_one_tested(stack: Stack) -> None:
 
     r = httpx.get(stack.url + "/api/openapi.json", timeout=10)
     assert r.status_code == 200
-    assert r.json() == openapi.build()
+    assert r.json() == openapi.build(ROUTES)
 
 
 def test_every_operation_ran_and_was_checked(stack: Stack) -> None:

@@ -21,7 +21,8 @@ import aiohttp
 import pytest
 from support import Stack, wait_http
 
-from orchestrator.dev.redis_server import free_port, parent_death_signal
+from orchestrator.dev.redis_server import free_port
+from orchestrator.processes import parent_death_signal
 
 STACK_WORKERS = 1
 

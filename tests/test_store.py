@@ -16,6 +16,7 @@ from sqlalchemy import event, text
 from support import Stack, eventually
 
 from orchestrator import keys
+from orchestrator.app import open_core
 from orchestrator.core import accounts
 from orchestrator.core.services import Core
 from orchestrator.errors import IllegalTransition, InsufficientCredits
@@ -29,7 +30,7 @@ STACK_ENV = {"ORCH_API_KEY_CACHE_SECONDS": "1", "ORCH_SWEEP_INTERVAL": "3600"}
 @pytest.fixture
 async def core(stack: Stack) -> AsyncIterator[Core]:
     env = {k: stack.env[k] for k in ("REDIS_URL", "DATABASE_URL", "ORCH_DATA_DIR", "ORCH_SECRET_KEY")}
-    c = await Core.open(Settings(_env_file=None, **env))  # type: ignore[call-arg]
+    c = await open_core(Settings(_env_file=None, **env))  # type: ignore[call-arg]
     try:
         yield c
     finally:

@@ -9,8 +9,7 @@ from typing import Any
 import orjson
 
 from metrics.realtime import event_time
-
-FINAL = frozenset({"completed", "failed", "cancelled", "timed_out"})
+from orchestrator.states import FINAL
 
 
 def ws_text_frame(payload: bytes) -> bytes:

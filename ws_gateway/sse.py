@@ -16,10 +16,11 @@ import orjson
 from aiohttp import web
 
 from metrics.realtime import SSE_CLIENTS, observe_lag
-from orchestrator.api import models as m
+from orchestrator import wire as m
 from orchestrator.core import jobs
-from orchestrator.core.views import FINAL, job_resource
+from orchestrator.core.views import job_resource
 from orchestrator.errors import BadRequest, NotFound
+from orchestrator.states import FINAL
 from orchestrator.web import core, query
 from ws_gateway.access import ACCESS
 from ws_gateway.hub import HUB

@@ -21,10 +21,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
 from metrics.realtime import WS_CLIENTS, WS_TALLY
-from orchestrator.api.models import MAX_SEQ
 from orchestrator.core.auth import Principal
 from orchestrator.errors import ApiError, NotFound
 from orchestrator.web import core
+from orchestrator.wire import MAX_SEQ
 from ws_gateway.access import ACCESS
 from ws_gateway.collector import COLLECTOR
 from ws_gateway.hub import HUB, Hub

@@ -9,9 +9,8 @@ from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import models_json_schema
 
-from orchestrator.api import models as m
-from orchestrator.api.routes import API_ROUTES
-from orchestrator.extra_routes import extra_routes
+from orchestrator import wire as m
+from orchestrator.web import Route
 
 ERRORS = {
     400: "Malformed JSON or parameters (BAD_REQUEST)",
@@ -81,9 +80,9 @@ def _params(model: type[BaseModel]) -> list[dict[str, Any]]:
     return out
 
 
-def build() -> dict[str, Any]:
+def build(routes: list[Route]) -> dict[str, Any]:
+    """The OpenAPI document of `routes` (the app's table, orchestrator.app.ROUTES)."""
     models: set[type[BaseModel]] = {m.ErrorResponse}
-    routes = API_ROUTES + extra_routes()
     for r in routes:
         for x in (r.body, r.response):
             if x is not None:

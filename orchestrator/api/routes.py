@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel
 
-from orchestrator.api import models as m
+from orchestrator import wire as m
 from orchestrator.core import accounts, jobs, uploads
-from orchestrator.core.views import FINAL, iso, job_resource
+from orchestrator.core.views import iso, job_resource
 from orchestrator.delivery.ssrf import check_url
 from orchestrator.errors import NotFound, ValidationFailed
-from orchestrator.web import core, full_access, json_response, query, read_json, validate
+from orchestrator.states import FINAL
+from orchestrator.web import Route, core, full_access, json_response, query, read_json, validate
 from ws_gateway.hub import HUB
 from ws_gateway.sse import stream_handler
 
@@ -156,20 +155,6 @@ async def create_token(request: web.Request) -> web.Response:
         await asyncio.gather(*(jobs.get_job(c.db, j, user.user_id) for j in set(req.job_ids)))
     token, exp = c.tokens.issue(user.user_id, req.job_ids, req.ttl_seconds)
     return json_response({"token": token, "expiresAt": iso(exp)}, status=201)
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Any
-    summary: str
-    response: type[BaseModel] | None
-    status: int = 200
-    body: type[BaseModel] | None = None
-    query: type[BaseModel] | None = None
-    auth: str = "key"  # key, token (key or subscribe token), none
-    tag: str = "jobs"
 
 
 API_ROUTES: list[Route] = [

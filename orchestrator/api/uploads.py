@@ -15,10 +15,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
-from orchestrator.api.routes import Route
 from orchestrator.core import uploads
 from orchestrator.errors import ApiError, BadRequest, PayloadTooLarge
-from orchestrator.web import core, full_access, json_response
+from orchestrator.web import Route, core, full_access, json_response
 
 
 class UnsupportedMediaType(ApiError):

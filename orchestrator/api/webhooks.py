@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from orchestrator.api import models as m
-from orchestrator.api.routes import Route
+from orchestrator import wire as m
 from orchestrator.core import jobs
 from orchestrator.delivery import sender as webhooks
 from orchestrator.errors import NotFound
-from orchestrator.web import core, full_access, json_response
+from orchestrator.web import Route, core, full_access, json_response
 
 MAX_WEBHOOK_ID = 64
 

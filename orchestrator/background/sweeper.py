@@ -34,8 +34,8 @@ from sqlmodel import col
 from orchestrator import keys
 from orchestrator.core import uploads
 from orchestrator.core.services import Core
-from orchestrator.core.views import FINAL
 from orchestrator.errors import IllegalTransition, NotFound
+from orchestrator.states import FINAL
 from orchestrator.store.tables import Job, JobEvent, WebhookDelivery
 from queues.dispatch import rq_job_id
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-FINAL = frozenset({"completed", "failed", "cancelled", "timed_out"})
+from orchestrator.states import FINAL
 
 
 class ClientError(Exception):

@@ -17,8 +17,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator.client import Client, ClientError
 
-FINAL = {"completed", "failed", "cancelled", "timed_out"}
-
 
 def _base_url() -> str:
     return os.environ.get("ORCH_URL", "http://127.0.0.1:8080")

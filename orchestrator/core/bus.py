@@ -17,7 +17,7 @@ from redis import Redis as SyncRedis
 
 from metrics.jobs import record_transition
 from orchestrator import keys
-from orchestrator.core.views import FINAL
+from orchestrator.states import FINAL
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ pipeline with every event they announce. `_apply` is the change for a transition
 2. checks the change against the state machine and the attempt (a refused change raises to its
    caller alone; nothing of it was written),
 3. writes the job row, the event and, on failed/cancelled/timed_out, the refund,
-4. queues webhook deliveries the job asked for,
+4. hands the event to each durable channel (webhooks: an outbox row, see core.ports),
 and the event is published only after the commit. Routes, workers, the sweeper and providers
 call the methods below; none of them writes job state itself.
 
@@ -23,10 +23,7 @@ enqueue (RQ's own job hash and queue push, see queues.dispatch) goes out in the 
 pipeline as the `queued` event, after the commit; if that pipeline fails the job is taken back
 (charge, job and event deleted; the delete trigger restores the balance) and the caller gets 503.
 
-    queued ──▶ running ──▶ completed | failed | cancelled | timed_out
-      │           │
-      │           └──▶ queued   (retry: a retryable error or a lost worker, attempts left)
-      └──▶ cancelled | failed   (cancel before start; sweeper finding nothing to run it)
+The statuses and the moves between them are orchestrator.states'.
 """
 
 from __future__ import annotations
@@ -34,7 +31,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,27 +44,20 @@ from orchestrator.core import idempotency
 from orchestrator.core.accounts import NO_FLOOR, move_credits
 from orchestrator.core.bus import EventBus, Transition
 from orchestrator.core.jobs import JOB_ID
+from orchestrator.core.ports import Dispatcher, DurableChannel
 from orchestrator.core.tasktypes import Registry, TaskType
-from orchestrator.core.views import FINAL, event_from_row
-from orchestrator.delivery.outbox import delivery_row
+from orchestrator.core.views import event_from_row
 from orchestrator.errors import Conflict, IllegalTransition, InsufficientCredits, NotFound, Unavailable
+from orchestrator.states import FINAL, REFUNDED, allowed
 from orchestrator.store.db import Database, guard
 from orchestrator.store.group_commit import Announce, Done, GroupCommit
-from orchestrator.store.tables import Job, JobEvent, LedgerEntry, WebhookDelivery
-from queues.dispatch import Dispatcher
+from orchestrator.store.tables import Job, JobEvent, LedgerEntry
 
 log = logging.getLogger(__name__)
 
-ALLOWED: dict[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"completed", "failed", "cancelled", "timed_out", "queued"}),
-}
-REFUNDED = frozenset({"failed", "cancelled", "timed_out"})
-DEFAULT_WEBHOOK_EVENTS = ("completed", "failed", "cancelled", "timed_out")
 JOBS = Job.__table__  # type: ignore[attr-defined]
 EVENTS = JobEvent.__table__  # type: ignore[attr-defined]
 LEDGER = LedgerEntry.__table__  # type: ignore[attr-defined]
-DELIVERIES = WebhookDelivery.__table__  # type: ignore[attr-defined]
 
 MUTABLE = (
     "status",
@@ -89,7 +79,6 @@ SELECT_JOB = select(JOBS).where(JOBS.c.id == bindparam("job_id")).with_for_updat
 UPDATE_JOB = update(JOBS).where(JOBS.c.id == bindparam("job_id"))
 INSERT_JOB = insert(JOBS)
 INSERT_EVENT = insert(EVENTS)
-INSERT_DELIVERY = insert(DELIVERIES)
 _recent = (
     select((JOBS.c.finished_at - JOBS.c.started_at).label("d"))
     .where(JOBS.c.type == bindparam("type"), JOBS.c.status == "completed", JOBS.c.started_at.is_not(None))
@@ -136,8 +125,10 @@ class Lifecycle:
         bus: EventBus,
         registry: Registry,
         dispatcher: Dispatcher,
+        channels: Sequence[DurableChannel] = (),
     ) -> None:
         self.db = db
+        self.channels = tuple(channels)
         self.bus = bus
         self.registry = registry
         self.dispatcher = dispatcher
@@ -256,7 +247,7 @@ class Lifecycle:
             conn.execute(INSERT_EVENT, ev)
             if idempotency_key:
                 idempotency.attach(conn, user_id, idempotency_key, job.id)
-            self._queue_webhook(conn, job, event)
+            self._record_durable(conn, job, event)
             return Done(
                 (job, event),
                 [
@@ -272,7 +263,8 @@ class Lifecycle:
         delete trigger gives the charge back)."""
 
         def change(conn: Connection) -> Done[None]:
-            conn.execute(delete(DELIVERIES).where(DELIVERIES.c.job_id == job.id))
+            for channel in self.channels:
+                channel.forget(conn, job.id)
             conn.execute(delete(EVENTS).where(EVENTS.c.job_id == job.id))
             conn.execute(delete(LEDGER).where(LEDGER.c.job_id == job.id))
             if idempotency_key:
@@ -496,7 +488,7 @@ class Lifecycle:
         change = decide(job)
         if old_status in FINAL and not change.keep_charge:
             raise IllegalTransition(f"job {job_id} is {old_status}")
-        if change.status is not None and change.status not in ALLOWED[old_status]:
+        if change.status is not None and not allowed(old_status, change.status):
             raise IllegalTransition(f"{old_status} → {change.status}")
         if change.status is None and change.kind == "progress" and old_status != "running":
             # progress before start (a provider's queue position) keeps 0
@@ -549,7 +541,7 @@ class Lifecycle:
         )
         conn.execute(INSERT_EVENT, ev)
         event = event_from_row(ev)
-        self._queue_webhook(conn, job, event)
+        self._record_durable(conn, job, event)
         announce: list[Announce] = [lambda pipe: self.bus.add_event(pipe, event, transition)]
         if then is not None:
             announce.append(then(job))
@@ -563,15 +555,9 @@ class Lifecycle:
             duration = now - job.started_at
         return Transition(job.queue, job.type, job.status, wait, duration)
 
-    def _queue_webhook(self, conn: Connection, job: Job, event: dict[str, Any]) -> None:
-        if not job.webhook_url:
-            return
-        wanted = job.webhook_events or DEFAULT_WEBHOOK_EVENTS
-        # status events by their status; progress events when "progress" is asked for; never logs
-        if (event["type"] == "progress" and "progress" in wanted) or (
-            event["type"] == "status" and event["status"] in wanted
-        ):
-            conn.execute(INSERT_DELIVERY, delivery_row(job, event))
+    def _record_durable(self, conn: Connection, job: Job, event: dict[str, Any]) -> None:
+        for channel in self.channels:
+            channel.record(conn, job, event)
 
     def _eta(self, conn: Connection, job: Job, now: float) -> float | None:
         """Remaining seconds: the job's own rate, blended early on with past jobs of its type."""

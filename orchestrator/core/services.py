@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
 import redis.asyncio as aioredis
+from redis import Redis as SyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -16,11 +18,11 @@ from orchestrator.core.artifacts import ArtifactStore
 from orchestrator.core.auth import Tokens
 from orchestrator.core.bus import EventBus
 from orchestrator.core.lifecycle import Lifecycle
+from orchestrator.core.ports import Dispatcher, DurableChannel
 from orchestrator.core.ratelimit import Limiter
-from orchestrator.core.tasktypes import Registry, build_registry
+from orchestrator.core.tasktypes import Registry
 from orchestrator.settings import Settings
 from orchestrator.store.db import Database
-from queues.dispatch import Dispatcher
 
 RECONNECT = (ExponentialBackoff(cap=1.0, base=0.05), 3)
 """A command that fails on a broken connection is retried on a fresh one (after a Redis restart
@@ -44,7 +46,17 @@ class Core:
     keys: KeyCache
 
     @classmethod
-    async def open(cls, settings: Settings, create_schema: bool = True) -> Core:
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        registry: Registry,
+        make_dispatcher: Callable[[SyncRedis, aioredis.Redis], Dispatcher],
+        channels: Sequence[DurableChannel] = (),
+        create_schema: bool = True,
+    ) -> Core:
+        """Opens the database and Redis pools and builds the core around the parts it is given
+        (orchestrator.app.open_core is the API processes' composition)."""
         db = Database(settings.db_url)
         if create_schema:
             await db.create_schema()
@@ -58,9 +70,8 @@ class Core:
         )
         sync_pool = redis.BlockingConnectionPool.from_url(settings.redis, retry=Retry(*RECONNECT), **limits, **opts)
         sync_redis = redis.Redis(connection_pool=sync_pool)
-        registry = build_registry(settings)
         bus = EventBus(aredis, settings.retention_days * 86400)
-        dispatcher = Dispatcher(sync_redis, aredis)
+        dispatcher = make_dispatcher(sync_redis, aredis)
         return cls(
             settings=settings,
             db=db,
@@ -69,7 +80,7 @@ class Core:
             registry=registry,
             bus=bus,
             dispatcher=dispatcher,
-            lifecycle=Lifecycle(db, bus, registry, dispatcher),
+            lifecycle=Lifecycle(db, bus, registry, dispatcher, channels),
             artifacts=ArtifactStore(settings.artifacts_dir),
             tokens=Tokens(settings.signing_key),
             limiter=Limiter(aredis, settings.submit_rate, settings.redeliver_rate),

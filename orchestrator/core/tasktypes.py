@@ -1,8 +1,8 @@
-"""The task registry: each job type declares its queue, input model, cost, timeout and handler."""
+"""Job types: each declares its queue, input model, cost, timeout and handler. The registry of a
+process is built by queues.registry (the built-in types, fal's, and ORCH_TASK_MODULES)."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -11,8 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 if TYPE_CHECKING:
-    from orchestrator.settings import Settings
-    from queues.context import TaskContext
+    from orchestrator.core.ports import TaskContext
 
 QUEUES = ("train", "generate")
 
@@ -103,19 +102,3 @@ class Registry:
                 )
             )
         return out
-
-
-def build_registry(settings: Settings) -> Registry:
-    """The built-in types, fal.* types when FAL_KEY is set, and the types of every module named in
-    ORCH_TASK_MODULES (each module exposes `TASK` or `tasks(settings) -> list[TaskType]`)."""
-    modules = ["queues.tasks.lora", "queues.tasks.image", "queues.tasks.sleep"]
-    if settings.fal_key:
-        modules.append("orchestrator.fal.tasks")
-    modules += [m.strip() for m in settings.task_modules.split(",") if m.strip()]
-    reg = Registry()
-    for name in modules:
-        mod = importlib.import_module(name)
-        found = mod.tasks(settings) if hasattr(mod, "tasks") else [mod.TASK]
-        for task in found:
-            reg.add(task)
-    return reg.configured(settings.task_costs, settings.task_timeouts, settings.task_max_attempts)

@@ -8,8 +8,6 @@ from typing import Any
 
 from orchestrator.store.tables import Job, JobEvent
 
-FINAL = frozenset({"completed", "failed", "cancelled", "timed_out"})
-
 
 def iso(ts: float | None) -> str | None:
     if ts is None:

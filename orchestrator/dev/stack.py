@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 
 from orchestrator.core import accounts
-from orchestrator.dev.redis_server import RedisServer, parent_death_signal
-from orchestrator.processes import descendants
+from orchestrator.dev.redis_server import RedisServer
+from orchestrator.processes import descendants, parent_death_signal
 from orchestrator.settings import Settings, private_dir
 from orchestrator.store.db import Database
 

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
-from orchestrator.core.views import FINAL
 from orchestrator.errors import IllegalTransition
 from orchestrator.fal import tasks as ft
 from orchestrator.fal.api import AsyncFalAPI, FalError, FalStatus
+from orchestrator.states import FINAL
 from orchestrator.store.tables import Job
 
 if TYPE_CHECKING:

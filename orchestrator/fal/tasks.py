@@ -50,18 +50,18 @@ from orchestrator import keys
 from orchestrator.core import uploads
 from orchestrator.core.artifacts import ArtifactStore
 from orchestrator.core.tasktypes import TaskError, TaskInput, TaskType
-from orchestrator.core.views import FINAL
 from orchestrator.delivery.ssrf import check_url
 from orchestrator.errors import IllegalTransition, JobCancelled, NotFound, ValidationFailed
 from orchestrator.fal.api import AsyncFalAPI, FalAPI, FalError
+from orchestrator.states import FINAL
 from orchestrator.store.tables import Job
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from orchestrator.core.lifecycle import Lifecycle
+    from orchestrator.core.ports import TaskContext
     from orchestrator.settings import Settings
-    from queues.context import TaskContext
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,11 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.api.routes import Route
 from orchestrator.core import jobs
 from orchestrator.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized, Unavailable
 from orchestrator.fal import tasks as ft
 from orchestrator.fal.api import AsyncFalAPI, FalError, parse_webhook
-from orchestrator.web import core, json_response
+from orchestrator.web import Route, core, json_response
 
 log = logging.getLogger(__name__)
 

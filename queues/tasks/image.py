@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pydantic import Field
 
+from orchestrator.core.ports import TaskContext
 from orchestrator.core.tasktypes import TaskInput, TaskType
-from queues.context import TaskContext
 
 
 class ImageInput(TaskInput):

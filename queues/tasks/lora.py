@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import Field
 from safetensors.numpy import save
 
+from orchestrator.core.ports import TaskContext
 from orchestrator.core.tasktypes import TaskInput, TaskType
-from queues.context import TaskContext
 
 DIM = 128
 BATCH = 256

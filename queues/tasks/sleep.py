@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from orchestrator.core.ports import TaskContext
 from orchestrator.core.tasktypes import TaskError, TaskInput, TaskType
-from queues.context import TaskContext
 
 
 class SleepInput(TaskInput):

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from orchestrator.states import FINAL
 from orchestrator.store.db import Database
-
-FINAL = ("completed", "failed", "cancelled", "timed_out")
 
 
 def children_of(pid: int) -> list[int]:

@@ -11,7 +11,7 @@ from rq import Queue
 from rq.job import Job
 from support import Api, Stack, eventually
 
-from orchestrator.core.services import Core
+from orchestrator.app import open_core
 from orchestrator.settings import Settings
 from queues.dispatch import rq_job_id
 
@@ -42,7 +42,7 @@ async def test_every_pooled_connection_recovers_after_a_redis_restart(stack: Sta
     """After a restart every connection a process's pool holds is dead; each must be replaced on
     its next use, never handed to a caller as an error (a submit answered 503 minutes later)."""
     env = {k: stack.env[k] for k in ("REDIS_URL", "DATABASE_URL", "ORCH_DATA_DIR", "ORCH_SECRET_KEY")}
-    core = await Core.open(Settings(_env_file=None, **env), create_schema=False)  # type: ignore[call-arg]
+    core = await open_core(Settings(_env_file=None, **env), create_schema=False)  # type: ignore[call-arg]
     try:
         width = core.settings.redis_max_connections
         await asyncio.gather(*(core.aredis.blpop(["restart-test:nothing"], 0.2) for _ in range(width)))

@@ -1,4 +1,6 @@
-"""Pydantic models of the HTTP API: they validate requests and generate /api/openapi.json."""
+"""The public JSON shapes, one pydantic model each: REST requests and responses, the job resource and
+its events as REST, WebSocket, SSE and webhooks carry them (the tests check those payloads against
+these models). They validate requests and generate /api/openapi.json."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-Status = Literal["queued", "running", "completed", "failed", "cancelled", "timed_out"]
+from orchestrator.states import JobStatus
+
+Status = JobStatus
 WebhookEvent = Literal["queued", "running", "progress", "completed", "failed", "cancelled", "timed_out"]
 
 
