@@ -39,7 +39,7 @@ class BenchDatabase:
             self.pg = Postgres(root / "pg").start()
             self.url = self.pg.create_db("bench")
         elif kind == "sqlite":
-            self.url = f"sqlite+aiosqlite:///{root / 'orchestrator.store.db'}"
+            self.url = f"sqlite+aiosqlite:///{root / 'orchestrator.db'}"
         else:
             raise SystemExit(f"--db must be sqlite or postgres, not {kind!r}")
 
@@ -67,7 +67,7 @@ def stack(root: Path, extra_env: dict[str, str] | None = None, database_url: str
     if os.environ.get("BENCH_PYTHONPATH"):
         # experiments: a sitecustomize.py in that dir is loaded by the API and worker processes
         env["PYTHONPATH"] = str(Path(os.environ["BENCH_PYTHONPATH"]).resolve())
-    return Stack(root, database_url or f"sqlite+aiosqlite:///{root / 'orchestrator.store.db'}", env)
+    return Stack(root, database_url or f"sqlite+aiosqlite:///{root / 'orchestrator.db'}", env)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

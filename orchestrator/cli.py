@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from orchestrator.settings import Settings
 
 
@@ -157,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "dev":
         _dev_flags_to_env(args)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"orchestrator: bad setting: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "dev":
         from orchestrator.dev.stack import run_dev

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_RETRY_SCHEDULE_S = "5,300,1800,7200,18000,36000,36000"
@@ -68,11 +69,27 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'orchestrator.store.db').resolve()}"
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'orchestrator.db').resolve()}"
 
     @cached_property
     def redis(self) -> str:
         return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        """Checked at start-up, so a typo stops the process instead of the first failed webhook."""
+        parts = [x.strip() for x in value.split(",") if x.strip()]
+        if not 1 <= len(parts) <= 50:
+            raise ValueError("ORCH_WEBHOOK_RETRY_SCHEDULE: 1 to 50 comma-separated seconds")
+        for x in parts:
+            try:
+                s = float(x)
+            except ValueError:
+                raise ValueError(f"ORCH_WEBHOOK_RETRY_SCHEDULE: {x!r} is not a number of seconds") from None
+            if not math.isfinite(s) or not 0 < s <= 30 * 86400:
+                raise ValueError(f"ORCH_WEBHOOK_RETRY_SCHEDULE: {x!r} must be above 0 and at most 30 days")
+        return value
 
     @property
     def retry_schedule_s(self) -> list[float]:
@@ -115,7 +132,3 @@ def private_dir(path: Path) -> Path:
         except FileExistsError:
             pass
     return path
-
-
-def get_settings() -> Settings:
-    return Settings()

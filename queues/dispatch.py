@@ -28,7 +28,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
-from orchestrator import keys
+from orchestrator import dueset, keys
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,8 @@ class Dispatcher:
 
     def promote_due(self, limit: int = 100) -> list[str]:
         """Enqueue delayed attempts that are due; returns their job ids."""
-        due = self.redis.zrangebyscore(keys.DELAYED, "-inf", time.time(), start=0, num=limit)
         out = []
-        for raw in due:
-            member = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if not self.redis.zrem(keys.DELAYED, member):
-                continue  # another process took it
+        for member in dueset.claim(self.redis, keys.DELAYED, limit):
             job_id, queue, attempt, timeout_s = member.rsplit("|", 3)
             try:
                 self.enqueue(job_id, queue, int(attempt), int(timeout_s))

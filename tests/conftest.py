@@ -86,7 +86,7 @@ def postgres() -> Iterator[Postgres | None]:
 def database_url(postgres: Postgres | None, tmp_path_factory: pytest.TempPathFactory) -> str:
     if postgres is not None:
         return postgres.create_db("t_" + uuid.uuid4().hex[:12])
-    return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'orchestrator.store.db'}"
+    return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'orchestrator.db'}"
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def polled(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres | None, 
     if postgres is not None:
         url = postgres.create_db("t_fal_polled")
     else:
-        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db-polled') / 'orchestrator.store.db'}"
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db-polled') / 'orchestrator.db'}"
     env = {
         "ORCH_FAL_POLL_SCHEDULE": "1",
         "ORCH_FAL_POLL_MAX_ERRORS": "3",

@@ -957,9 +957,9 @@ def test_data_dir_key_and_database_are_private_and_webhook_secrets_sealed(tmp_pa
     created = json.loads(done.stdout)
     assert created["webhookSecret"].startswith("whsec_")
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
-    for name in ("secret.key", "orchestrator.store.db"):
+    for name in ("secret.key", "orchestrator.db"):
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
-    with sqlite3.connect(data / "orchestrator.store.db") as conn:
+    with sqlite3.connect(data / "orchestrator.db") as conn:
         (stored,) = conn.execute("SELECT webhook_secret FROM users WHERE name = 'alice'").fetchone()
     assert stored.startswith("enc1:") and created["webhookSecret"] not in stored
     for f in data.iterdir():

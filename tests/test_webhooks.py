@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,7 +20,8 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support import Api, Stack, eventually
 
-from orchestrator.delivery import sender as webhooks
+from orchestrator.delivery import schedule as retry
+from orchestrator.delivery import sender, ssrf
 from orchestrator.dev.redis_server import free_port
 
 STACK_ENV = {"ORCH_WEBHOOK_RETRY_SCHEDULE": "0.3,0.6,1", "ORCH_WEBHOOK_TIMEOUT": "1"}
@@ -334,43 +338,53 @@ async def test_two_api_processes_send_each_delivery_once(
 # ---- the sender's own checks, called directly ---------------------------------------------------
 
 
-def _claim(url: str) -> webhooks.Claim:
+def _claim(url: str) -> retry.Claim:
     body = json.dumps({"jobId": "j", "seq": 1, "type": "status", "status": "completed"})
-    return webhooks.Claim("msg_x", "j", 1, url, body, "whsec_" + "QUJD" * 8, 1, "pending")
+    return retry.Claim("msg_x", "j", 1, url, body, "whsec_" + "QUJD" * 8, 1, "pending")
 
 
 async def test_delivery_time_check_refuses_a_private_address(receiver: Receiver):
     claim = _claim(receiver.url("private"))
-    async with webhooks.client_session(allow_private=False) as session:
-        result = await webhooks.send(session, claim, allow_private=False, timeout_s=2)
+    async with sender.client_session(allow_private=False) as session:
+        result = await sender.send(session, claim, allow_private=False, timeout_s=2)
     assert result.kind == "forbidden" and "non-public" in (result.error or "")
     assert receiver.of("private") == []
-    decision = webhooks.decide(claim, result, [1.0, 2.0], time.time())
+    decision = retry.decide(claim, result, [1.0, 2.0], time.time())
     assert (decision.state, decision.next_attempt_at, decision.outcome) == ("failed", None, "forbidden")
-    async with webhooks.client_session(allow_private=True) as session:
-        allowed = await webhooks.send(session, claim, allow_private=True, timeout_s=2)
+    async with sender.client_session(allow_private=True) as session:
+        allowed = await sender.send(session, claim, allow_private=True, timeout_s=2)
     assert allowed.kind == "ok" and len(receiver.of("private")) == 1
 
 
 async def test_resolver_refuses_names_that_resolve_to_private_addresses():
-    with pytest.raises(webhooks.ForbiddenUrl):
-        await webhooks.PublicOnlyResolver().resolve("localhost", 80)
+    with pytest.raises(ssrf.ForbiddenUrl):
+        await ssrf.PublicOnlyResolver().resolve("localhost", 80)
 
 
 def test_signature_matches_standard_webhooks():
     secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-    sig = webhooks.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}')
+    sig = retry.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}')
     assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
 
 
 def test_retry_delays_follow_the_schedule_and_retry_after():
     schedule = [10.0, 100.0]
-    assert 8 <= (webhooks.retry_delay_s(schedule, 1, None) or 0) <= 12
-    assert webhooks.retry_delay_s(schedule, 1, 50) == 50
-    assert webhooks.retry_delay_s(schedule, 2, 10_000) == 200  # capped at twice the last entry
-    assert webhooks.retry_delay_s(schedule, 3, None) is None
+    assert 8 <= (retry.retry_delay_s(schedule, 1, None) or 0) <= 12
+    assert retry.retry_delay_s(schedule, 1, 50) == 50
+    assert retry.retry_delay_s(schedule, 2, 10_000) == 200  # capped at twice the last entry
+    assert retry.retry_delay_s(schedule, 3, None) is None
     now = time.time()
-    assert webhooks.retry_after_s("7", now) == 7
+    assert retry.retry_after_s("7", now) == 7
     http_date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now + 30))
-    assert 28 <= (webhooks.retry_after_s(http_date, now) or 0) <= 31
-    assert webhooks.retry_after_s("soon", now) is None
+    assert 28 <= (retry.retry_after_s(http_date, now) or 0) <= 31
+    assert retry.retry_after_s("soon", now) is None
+
+
+@pytest.mark.parametrize("schedule", ["5,abc", "", "0", "-1,5", "inf", "5,99999999"])
+def test_a_bad_retry_schedule_stops_the_process_at_start(schedule: str, tmp_path):
+    env = {**os.environ, "ORCH_WEBHOOK_RETRY_SCHEDULE": schedule, "ORCH_DATA_DIR": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2, r.stderr
+    assert "ORCH_WEBHOOK_RETRY_SCHEDULE" in r.stderr and "Traceback" not in r.stderr

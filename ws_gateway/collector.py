@@ -27,6 +27,8 @@ import logging
 import time
 from typing import Any
 
+from orchestrator.loops import every
+
 log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 2.0
@@ -60,6 +62,9 @@ class Collector:
             self.frozen += self.opened
             self.opened = 0
 
+    async def _check(self) -> None:
+        self.thaw_if_due()
+
     def thaw_if_due(self) -> bool:
         if self.closed >= max(MIN_THAW_SOCKETS, self.frozen // 4) or (
             time.monotonic() - self.thawed_at > THAW_EVERY_S and self.frozen
@@ -76,12 +81,8 @@ class Collector:
         if self.after_collection not in gc.callbacks:
             gc.callbacks.append(self.after_collection)
         try:
-            while True:
-                await asyncio.sleep(CHECK_EVERY_S)
-                try:
-                    self.thaw_if_due()
-                except Exception:  # never let the policy stop the process
-                    log.exception("garbage collection policy failed")
+            await asyncio.sleep(CHECK_EVERY_S)
+            await every("garbage collection policy", CHECK_EVERY_S, self._check)
         finally:
             gc.callbacks.remove(self.after_collection)
 

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from orchestrator import keys
 from orchestrator.errors import RateLimited
+from orchestrator.loops import every
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,9 @@ class SocketSlots:
             await pipe.execute()
 
     async def heartbeat(self) -> None:
-        while True:
-            try:
-                await self.beat()
-            except Exception as exc:
-                log.info("socket slot heartbeat failed: %s", exc)
-            await asyncio.sleep(self.ttl_s / 3)
+        await every(
+            "socket slot heartbeat", self.ttl_s / 3, self.beat, max_backoff_s=self.ttl_s / 3, level=logging.INFO
+        )
 
     async def forget(self) -> None:
         """On a clean shutdown: this process holds nothing any more."""

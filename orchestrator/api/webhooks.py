@@ -6,7 +6,7 @@ from aiohttp import web
 
 from orchestrator import wire as m
 from orchestrator.core import jobs
-from orchestrator.delivery import sender as webhooks
+from orchestrator.delivery import deliveries
 from orchestrator.errors import NotFound
 from orchestrator.web import Route, core, full_access, json_response
 
@@ -17,7 +17,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     user = await full_access(request)
     c = core(request)
     job = await jobs.get_job(c.db, request.match_info["job_id"], user.user_id)
-    return json_response({"deliveries": await webhooks.deliveries_log(c.db, job.id)})
+    return json_response({"deliveries": await deliveries.deliveries_log(c.db, job.id)})
 
 
 async def redeliver(request: web.Request) -> web.Response:
@@ -31,7 +31,7 @@ async def redeliver(request: web.Request) -> web.Response:
     webhook_id = request.match_info["webhook_id"]
     if len(webhook_id) > MAX_WEBHOOK_ID:
         raise NotFound("delivery not found")
-    return json_response(await webhooks.redeliver(c, job.id, webhook_id))
+    return json_response(await deliveries.redeliver(c, job.id, webhook_id))
 
 
 ROUTES: list[Route] = [

@@ -11,6 +11,7 @@ from orchestrator.background.sweeper import Sweeper
 from orchestrator.core.services import Core
 from orchestrator.delivery.sender import Sender
 from orchestrator.fal import poller as fal_poll
+from orchestrator.loops import every
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +20,9 @@ PROMOTE_INTERVAL_S = 0.25
 
 async def promote_delayed(core: Core) -> None:
     """Move retry attempts whose backoff is over into their RQ queue."""
-    while True:
-        try:
-            await asyncio.to_thread(core.dispatcher.promote_due)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("promoting delayed attempts failed: %s", exc)
-            await asyncio.sleep(2)
-        await asyncio.sleep(PROMOTE_INTERVAL_S)
+    await every(
+        "promoting delayed attempts", PROMOTE_INTERVAL_S, lambda: asyncio.to_thread(core.dispatcher.promote_due)
+    )
 
 
 def start_background(core: Core) -> list[asyncio.Task[None]]:

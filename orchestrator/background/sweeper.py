@@ -35,6 +35,7 @@ from orchestrator import keys
 from orchestrator.core import uploads
 from orchestrator.core.services import Core
 from orchestrator.errors import IllegalTransition, NotFound
+from orchestrator.loops import every
 from orchestrator.states import FINAL
 from orchestrator.store.tables import Job, JobEvent, WebhookDelivery
 from queues.dispatch import rq_job_id
@@ -61,15 +62,12 @@ class Sweeper:
 
     async def run(self) -> None:
         interval = self.core.settings.sweep_interval_s
-        while True:
-            try:
-                if await self._lock(interval):
-                    await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("sweep failed: %s", exc)
-            await asyncio.sleep(interval)
+
+        async def step() -> None:
+            if await self._lock(interval):
+                await self.sweep_once()
+
+        await every("sweep", interval, step, max_backoff_s=interval)
 
     async def _lock(self, interval: float) -> bool:
         ttl_ms = int(max(interval * 2, 5) * 1000)

@@ -26,23 +26,13 @@ The sender never touches the job: a failing webhook never fails a job (DESIGN li
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import hmac
-import ipaddress
 import logging
-import random
-import socket
 import time
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from sqlalchemy import func, select, update
 from sqlmodel import col
 
@@ -50,8 +40,10 @@ from metrics.realtime import WEBHOOK_DELIVERIES, event_time, observe_lag
 from orchestrator.core import secretbox
 from orchestrator.core.services import Core
 from orchestrator.core.views import iso
-from orchestrator.delivery.ssrf import ForbiddenUrl, _is_public, check_url
-from orchestrator.errors import Conflict, NotFound, ValidationFailed
+from orchestrator.delivery.schedule import Claim, Decision, Result, decide, retry_after_s, sign
+from orchestrator.delivery.ssrf import ForbiddenUrl, PublicOnlyResolver, check_url
+from orchestrator.errors import ValidationFailed
+from orchestrator.loops import every
 from orchestrator.store.db import Database
 from orchestrator.store.tables import Job, User, WebhookDelivery
 
@@ -65,112 +57,12 @@ ROWS_PER_TASK = 100
 """Rows one job task sends before it yields to the next poll (fairness between jobs)."""
 LEASE_MARGIN_S = 30.0
 """A claim hides a row for the request timeout plus this margin."""
-JITTER = 0.2
 RECORD_TRIES = 3
 USER_AGENT = "orchestrator-webhooks/1"
 INTERRUPTED = "interrupted: the sending process stopped during the attempt"
 
 
 # ---- pure helpers --------------------------------------------------------------------------------
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """Standard Webhooks `webhook-signature` value for one attempt."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-
-
-def retry_after_s(value: str | None, now: float) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date); None if absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def retry_delay_s(schedule: list[float], attempt: int, retry_after: float | None) -> float | None:
-    """Wait after failed attempt number `attempt` (1-based); None when the schedule is spent."""
-    if attempt > len(schedule):
-        return None
-    delay = schedule[attempt - 1] * random.uniform(1 - JITTER, 1 + JITTER)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, schedule[-1] * 2))
-    return delay
-
-
-@dataclass
-class Claim:
-    """One attempt this process owns: `attempt` is its number (the row's counter after claiming)."""
-
-    webhook_id: str
-    job_id: str
-    seq: int
-    url: str
-    body: str
-    secret: str
-    attempt: int
-    prior_state: str  # the row's state before the claim (pending for the sender)
-
-
-@dataclass
-class Result:
-    kind: str  # ok, http_error, gone, error, forbidden
-    status_code: int | None
-    error: str | None
-    latency_ms: float | None
-    started_at: float
-    retry_after: float | None = None
-
-
-@dataclass
-class Decision:
-    state: str
-    next_attempt_at: float | None
-    outcome: str  # the metric label: success, retry, failed, gone, forbidden
-
-
-def decide(claim: Claim, result: Result, schedule: list[float], now: float) -> Decision:
-    """What an attempt's result does to its delivery."""
-    if result.kind == "ok":
-        return Decision("delivered", None, "success")
-    if claim.prior_state != "pending":
-        # an extra attempt on a finished delivery leaves its state as it was
-        outcome = {"gone": "gone", "forbidden": "forbidden"}.get(result.kind, "failed")
-        return Decision(claim.prior_state, None, outcome)
-    if result.kind == "gone":
-        return Decision("failed", None, "gone")
-    if result.kind == "forbidden":
-        return Decision("failed", None, "forbidden")
-    delay = retry_delay_s(schedule, claim.attempt, result.retry_after)
-    if delay is None:
-        return Decision("failed", None, "failed")
-    return Decision("pending", now + delay, "retry")
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver but refuses non-public addresses, so a name that
-    starts resolving to a private address between the check and the connect is not reached."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
-        bad = [r["host"] for r in found if not _is_public(ipaddress.ip_address(r["host"].split("%")[0]))]
-        if bad:
-            raise ForbiddenUrl(f"webhookUrl resolves to a non-public address ({', '.join(bad)})")
-        return found
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def client_session(allow_private: bool) -> aiohttp.ClientSession:
@@ -391,19 +283,9 @@ class Sender:
         self.lease_s = core.settings.webhook_timeout_s + LEASE_MARGIN_S
 
     async def run(self) -> None:
-        backoff = POLL_INTERVAL_S
         async with client_session(self.core.settings.webhook_allow_private) as session:
             try:
-                while True:
-                    try:
-                        await self.tick(session)
-                        backoff = POLL_INTERVAL_S
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        log.warning("webhook sender: %s", exc)
-                        backoff = min(backoff * 2, 5.0)
-                    await asyncio.sleep(backoff)
+                await every("webhook sender", POLL_INTERVAL_S, lambda: self.tick(session))
             finally:
                 tasks = list(self.busy.values())
                 for t in tasks:
@@ -465,67 +347,3 @@ class Sender:
 
 
 # ---- reading and redelivering ----------------------------------------------------------------------
-
-
-def _item(row: WebhookDelivery, entry: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "webhookId": row.webhook_id,
-        "seq": row.seq,
-        "attempt": entry["attempt"],
-        "statusCode": entry.get("statusCode"),
-        "error": entry.get("error"),
-        "latencyMs": entry.get("latencyMs"),
-        "at": entry.get("at"),
-        "nextAttemptAt": entry.get("nextAttemptAt"),
-        "state": entry.get("state", row.state),
-    }
-
-
-async def deliveries_log(db: Database, job_id: str) -> list[dict[str, Any]]:
-    """Every attempt of every delivery of the job, oldest first; a delivery with no recorded
-    attempt yet appears once as attempt 0 in its current state."""
-    async with db.read() as s:
-        rows = (
-            await s.execute(
-                select(WebhookDelivery).where(col(WebhookDelivery.job_id) == job_id).order_by(col(WebhookDelivery.seq))
-            )
-        ).scalars()
-        items: list[tuple[str, int, int, dict[str, Any]]] = []
-        for row in rows:
-            for entry in row.attempts_log:
-                items.append((entry.get("at") or "", row.seq, int(entry["attempt"]), _item(row, entry)))
-            if not row.attempts_log:
-                nxt = row.next_attempt_at if row.state == "pending" else None
-                entry = {"attempt": 0, "at": None, "nextAttemptAt": iso(nxt), "state": row.state}
-                items.append((iso(row.created_at) or "", row.seq, 0, _item(row, entry)))
-    items.sort(key=lambda i: (i[0], i[1], i[2]))
-    return [i[3] for i in items]
-
-
-async def redeliver(core: Core, job_id: str, webhook_id: str) -> dict[str, Any]:
-    """One extra attempt of a delivery, made now, in this request; returns its log item.
-
-    On a `pending` delivery it is simply the next attempt, made early (the schedule carries on
-    from it if it fails). On a `delivered` or `failed` one, success makes it `delivered` and
-    failure leaves it as it was (no new retries). A delivery whose attempt is in flight is 409.
-    """
-    async with core.db.read() as s:
-        found = (
-            await s.execute(
-                _secret_query().where(
-                    col(WebhookDelivery.webhook_id) == webhook_id, col(WebhookDelivery.job_id) == job_id
-                )
-            )
-        ).first()
-    if found is None:
-        raise NotFound("delivery not found")
-    row, user_id, sealed = found
-    secret = secretbox.unseal(core.settings.signing_key, user_id, sealed)
-    lease_s = core.settings.webhook_timeout_s + LEASE_MARGIN_S
-    in_flight = row.attempt > len(row.attempts_log) and (row.next_attempt_at or 0) > time.time()
-    claim = None if in_flight else await claim_row(core.db, row, secret, lease_s, manual=True)
-    if claim is None:
-        raise Conflict("an attempt of this delivery is in progress", code="DELIVERY_IN_PROGRESS")
-    async with client_session(core.settings.webhook_allow_private) as session:
-        result, decision = await attempt(core, session, claim, manual=True)
-    return _item(row, _log_entry(claim.attempt, result, decision, manual=True))

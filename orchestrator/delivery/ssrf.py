@@ -7,6 +7,9 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
 from orchestrator.errors import ValidationFailed
 
 
@@ -14,7 +17,7 @@ class ForbiddenUrl(ValidationFailed):
     code = "WEBHOOK_URL_FORBIDDEN"
 
 
-def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is not None:
@@ -64,6 +67,26 @@ async def check_url(url: str, allow_private: bool) -> None:
         except (OSError, TimeoutError, ValueError) as exc:  # UnicodeError is a ValueError
             raise ForbiddenUrl(f"webhookUrl host {host!r} does not resolve") from exc
         addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-    bad = [str(a) for a in addrs if not _is_public(a)]
+    bad = [str(a) for a in addrs if not is_public(a)]
     if bad or not addrs:
         raise ForbiddenUrl(f"webhookUrl resolves to a non-public address ({', '.join(bad) or 'none'})")
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver but refuses non-public addresses, so a name that
+    starts resolving to a private address between the check and the connect is not reached."""
+
+    def __init__(self) -> None:
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        bad = [r["host"] for r in found if not is_public(ipaddress.ip_address(r["host"].split("%")[0]))]
+        if bad:
+            raise ForbiddenUrl(f"webhookUrl resolves to a non-public address ({', '.join(bad)})")
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()

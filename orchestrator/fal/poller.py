@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
+from orchestrator import dueset
 from orchestrator.errors import IllegalTransition
 from orchestrator.fal import tasks as ft
 from orchestrator.fal.api import AsyncFalAPI, FalError, FalStatus
+from orchestrator.loops import every
 from orchestrator.states import FINAL
 from orchestrator.store.tables import Job
 
@@ -50,12 +52,6 @@ MAX_LOG_EVENTS = 1000
 """fal log lines turned into events per job; later ones are dropped (fal keeps them all)."""
 MAX_LOGS_PER_POLL = 200
 
-_CLAIM = """
-local due = redis.call('zrangebyscore', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, member in ipairs(due) do redis.call('zadd', KEYS[1], ARGV[2], member) end
-return due
-"""
-
 
 def background_tasks(core: Core) -> list[asyncio.Task[None]]:
     """For `orchestrator.background.start.start_background`: the poll loop, when fal is configured."""
@@ -68,21 +64,15 @@ async def run(core: Core) -> None:
     poller = Poller(core)
     running: set[asyncio.Task[None]] = set()
     try:
-        while True:
+
+        async def step() -> None:
             free = CONCURRENCY - len(running)
-            try:
-                due = await claim(core.aredis, free) if free > 0 else []
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("claiming fal polls failed: %s", exc)
-                due = []
-                await asyncio.sleep(2)
-            for job_id in due:
+            for job_id in await claim(core.aredis, free) if free > 0 else []:
                 task = asyncio.create_task(poller.poll(job_id))
                 running.add(task)
                 task.add_done_callback(running.discard)
-            await asyncio.sleep(TICK_S)
+
+        await every("claiming fal polls", TICK_S, step)
     finally:
         for task in running:
             task.cancel()
@@ -91,9 +81,7 @@ async def run(core: Core) -> None:
 
 
 async def claim(aredis: aioredis.Redis, limit: int) -> list[str]:
-    now = time.time()
-    raw = await aredis.eval(_CLAIM, 1, ft.DUE, now, now + LEASE_S, limit)
-    return [m.decode() if isinstance(m, bytes) else str(m) for m in raw or []]
+    return await dueset.aclaim(aredis, ft.DUE, limit, LEASE_S)
 
 
 class _State:
