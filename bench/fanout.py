@@ -6,8 +6,8 @@
 Starts its own Redis and `orchestrator serve` (SQLite, or Postgres with `--db postgres`), submits
 J `sleep` jobs over HTTP and opens N sockets on /ws, socket i following job i mod J (N/J = 10 sockets per job, so 1,000
 events/s become 10,000 messages/s). Events travel the real path: `--drivers` processes play the
-work horses: each builds the worker's runtime (queues.runtime.Runtime) and calls the lifecycle
-exactly as `TaskContext.report` does in a work horse (start the job, then `progress` events), so
+worker processes: each builds the worker's runtime (queues.runtime.Runtime) and calls the lifecycle
+exactly as `TaskContext.report` does in a worker (start the job, then `progress` events), so
 each event is stored in SQL, logged and published in Redis, picked up by the API process's one
 subscription and written to the sockets. The drivers emit at a fixed total rate (open loop, like
 the `sleep` task: late events go out back to back). Why not `sleep` jobs on RQ workers: one
@@ -358,7 +358,7 @@ def driver_proc(conn: Any, env: dict[str, str], jobs: list[str], name: str) -> N
             tick = i // len(jobs) + 1
             s = time.perf_counter()
             if path == "store":
-                # what TaskContext.report does in a work horse: store, log, publish
+                # what TaskContext.report does in a worker: store, log, publish
                 applied = rt.run_sync(
                     rt.lifecycle.progress(
                         j, min(99.0, tick * 0.01), f"tick {tick}", {"tick": tick}, actor=actor, attempt=attempts[j]
@@ -860,7 +860,7 @@ def main() -> None:
     )
     ap.add_argument("--rate", type=float, default=1000.0, help="events per second asked of the drivers")
     ap.add_argument("--seconds", type=float, default=0.0, help="length of the measured load")
-    ap.add_argument("--drivers", type=int, default=2, help="processes reporting events (like work horses)")
+    ap.add_argument("--drivers", type=int, default=2, help="processes reporting events (like workers)")
     ap.add_argument("--client-procs", type=int, default=2, help="processes holding the client sockets")
     ap.add_argument("--no-real-workers", dest="real_workers", action="store_false", help="skip the RQ sleep phase")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the API during the gateway phase, raw output in DIR")

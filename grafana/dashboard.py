@@ -32,6 +32,7 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as dashboard_model
 
 from orchestrator.states import FINAL as FINAL_STATUSES
+from orchestrator.states import JobStatus
 
 TITLE = "Monitoring: Jobs"
 UID = "orchestrator-jobs"
@@ -44,7 +45,7 @@ QUEUE_REGEX = ".*"
 RATE_INTERVAL = "1m"
 
 Q = 'queue=~"$queue"'
-FINAL = f'status=~"{"|".join(sorted(FINAL_STATUSES))}"'
+FINAL = f'status=~"{"|".join(s for s in JobStatus if s in FINAL_STATUSES)}"'
 COMPLETED = f'{Q}, status="completed"'
 DEDUP = "max without (instance, job)"
 

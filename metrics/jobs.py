@@ -1,6 +1,6 @@
 """Job metrics kept in Redis, so every process's transitions add up in one place.
 
-Workers fork a work horse per job, so a counter kept in the horse's memory would vanish with it.
+A worker process can be killed or recycled (--max-jobs), so a counter kept in its memory would vanish with it.
 The lifecycle therefore records each transition into Redis hashes (in the same pipeline that
 publishes the event), and every API process exports them at scrape time. The values are
 cluster-wide: with several API processes scraped, use `max without (instance)` (the bundled

@@ -155,7 +155,7 @@ class Sweeper:
         rq_id = rq_job_id(job.id, job.attempts)
         if self.core.dispatcher.worker_running(job.worker_name, rq_id):
             return None
-        # the worker lives but runs something else (its work horse died, or the attempt ended
+        # the worker lives but runs something else (its warm process was restarted, or the attempt ended
         # without a result): give the runner's last write a moment, then call the attempt lost
         if job.updated_at > time.time() - self.core.settings.requeue_after_s:
             return None

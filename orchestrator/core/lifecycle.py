@@ -458,7 +458,7 @@ class Lifecycle:
         then: Callable[[Job], Announce] | None = None,
     ) -> Applied:
         """Apply one change. `attempt`, when given, must be the job's current attempt: a stale
-        attempt (an orphaned work horse, a retried job) can no longer write. `then` adds Redis
+        attempt (an orphaned task, a retried job) can no longer write. `then` adds Redis
         writes to the event's pipeline."""
         if not JOB_ID.fullmatch(job_id):
             raise NotFound("job not found")

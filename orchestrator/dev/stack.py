@@ -4,7 +4,7 @@ machine.
 Each child (the API, each worker) is a CLI command in its own process group: a child that dies
 is started again after a short back-off (0.5 s doubling to 10 s, back to 0.5 s once it has run a
 minute) while the others keep running; Ctrl-C (or SIGTERM) stops every child and its own
-children (an RQ work horse, say) by process group, Redis last."""
+children (a worker's warm child process, say) by process group, Redis last."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ class Child:
 
     def wait_or_kill(self, deadline: float) -> None:
         """Wait for a clean exit until `deadline`, then SIGKILL the child, its group and its
-        descendants (an RQ work horse leads a session of its own)."""
+        descendants (a child may lead a session of its own)."""
         if self.proc is None:
             return
         try:
