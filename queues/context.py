@@ -10,6 +10,10 @@ from typing import Any, Protocol
 from rq.timeouts import JobTimeoutException
 
 from orchestrator.core.artifacts import ArtifactStore
+from orchestrator.core.ports import TaskContext
+
+__all__ = ["Reporter", "RunSync", "TaskContext", "WorkerContext"]
+"""TaskContext (the protocol, in orchestrator.core.ports) stays importable from here for task modules."""
 
 RunSync = Callable[[Coroutine[Any, Any, Any]], Any]
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import importlib
 
-from orchestrator.core.tasktypes import Registry
+from orchestrator.core.tasktypes import Registry, TaskError, TaskInput, TaskType
 from orchestrator.settings import Settings
+
+__all__ = ["BUILT_IN", "Registry", "TaskError", "TaskInput", "TaskType", "build_registry"]
+"""TaskType, TaskInput and TaskError are also importable from here, where task modules found them
+before they moved to orchestrator.core.tasktypes."""
 
 BUILT_IN = ("queues.tasks.lora", "queues.tasks.image", "queues.tasks.sleep")
 
